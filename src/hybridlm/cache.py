@@ -1,0 +1,106 @@
+"""Inference cache: constant-size Mamba-2 states and growing KV caches.
+
+Per Mamba layer: the last `conv_kernel - 1` conv inputs and the SSM state
+(b, h, p, n): the same size whatever the sequence length. Per attention layer: a
+preallocated K/V buffer (b, kv_heads, capacity, head_dim). The cache also keeps the
+key padding mask of the batch (left padding), so attention ignores pad tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import HybridConfig
+
+
+@dataclass
+class MambaState:
+    conv: Tensor  # (b, conv_dim, conv_kernel - 1): last inputs of the causal conv
+    ssm: Tensor   # (b, h, p, n) float32
+
+    def nbytes(self) -> int:
+        return self.conv.numel() * self.conv.element_size() + self.ssm.numel() * self.ssm.element_size()
+
+
+@dataclass
+class KVCache:
+    k: Tensor  # (b, kv_heads, capacity, head_dim)
+    v: Tensor
+    length: int = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v (b, kv_heads, l, d) after the cached ones; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            self._grow(end)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _grow(self, needed: int) -> None:
+        cap = max(needed, 2 * self.k.shape[2])
+        pad = (0, 0, 0, cap - self.k.shape[2])
+        self.k = torch.nn.functional.pad(self.k, pad)
+        self.v = torch.nn.functional.pad(self.v, pad)
+
+    def nbytes(self) -> int:
+        """Bytes actually holding tokens (not the spare capacity)."""
+        b, h, _, d = self.k.shape
+        return 2 * b * h * self.length * d * self.k.element_size()
+
+
+class InferenceCache:
+    """Per-layer states for prefill + decode; `mask` (b, tokens seen) marks real (non-pad) tokens."""
+
+    def __init__(self, layers: list[MambaState | KVCache | None], batch: int, device: torch.device) -> None:
+        self.layers = layers
+        self.mask = torch.ones(batch, 0, dtype=torch.bool, device=device)
+
+    @classmethod
+    def empty(cls, cfg: HybridConfig, batch: int, capacity: int = 256,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "InferenceCache":
+        layers: list[MambaState | KVCache | None] = []
+        for kind in cfg.layer_kinds():
+            if kind == "mamba":
+                layers.append(MambaState(
+                    conv=torch.zeros(batch, cfg.conv_dim, cfg.conv_kernel - 1, device=device, dtype=dtype),
+                    ssm=torch.zeros(batch, cfg.mamba_heads, cfg.mamba_head_dim, cfg.ssm_state,
+                                    device=device, dtype=torch.promote_types(dtype, torch.float32)),
+                ))
+            elif kind == "attention":
+                shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
+                layers.append(KVCache(torch.zeros(shape, device=device, dtype=dtype),
+                                      torch.zeros(shape, device=device, dtype=dtype)))
+            else:
+                layers.append(None)
+        return cls(layers, batch, torch.device(device))
+
+    @property
+    def seen(self) -> int:
+        """Tokens (pads included) already processed."""
+        return self.mask.shape[1]
+
+    def extend_mask(self, mask: Tensor) -> None:
+        self.mask = torch.cat([self.mask, mask.to(torch.bool)], dim=1)
+
+    def nbytes(self) -> dict[str, int]:
+        out = {"mamba": 0, "attention": 0}
+        for layer in self.layers:
+            if isinstance(layer, MambaState):
+                out["mamba"] += layer.nbytes()
+            elif isinstance(layer, KVCache):
+                out["attention"] += layer.nbytes()
+        return out
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` (e.g. drop finished sequences)."""
+        for layer in self.layers:
+            if isinstance(layer, MambaState):
+                layer.conv, layer.ssm = layer.conv[rows], layer.ssm[rows]
+            elif isinstance(layer, KVCache):
+                layer.k, layer.v = layer.k[rows], layer.v[rows]
+        self.mask = self.mask[rows]

@@ -1,0 +1,229 @@
+"""`HybridConfig`: the one dataclass that describes a hybrid Mamba-2 / attention / MLP model.
+
+The layer layout is a pattern string in the Hugging Face `hybrid_override_pattern`
+alphabet: ``M`` = Mamba-2 mixer, ``*`` = self-attention, ``-`` = squared-ReLU MLP.
+Every layer is ``x = x + mixer(rmsnorm(x))``.
+
+Presets: ``tiny`` (laptop CPU), ``nemotron-h-8b``, ``nemotron-h-56b``,
+``nemotron-nano-12b-v2`` and ``nemotron-nano-9b-v2`` (shapes of the published models,
+for counting and memory planning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
+
+
+@dataclass
+class HybridConfig:
+    # vocabulary / width / layout
+    vocab_size: int = 4096
+    d_model: int = 256
+    pattern: str = "M-M*M-M-"
+    # attention (GQA, no positional embedding)
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    attention_bias: bool = False
+    # MLP (up -> relu^2 -> down)
+    ffn_dim: int = 1024
+    mlp_bias: bool = False
+    # Mamba-2 mixer
+    ssm_state: int = 64          # N, state size per head
+    mamba_head_dim: int = 32     # P
+    mamba_heads: int | None = None  # H; default expand * d_model // mamba_head_dim
+    n_groups: int = 2            # groups sharing B and C
+    expand: int = 2
+    conv_kernel: int = 4
+    conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    chunk_size: int = 64
+    time_step_min: float = 0.001  # dt init range; also the dt clamp (as in HF nemotron_h)
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: tuple[float, float] = (0.0, math.inf)  # clamp on dt after softplus
+    # misc
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    max_seq_len: int = 4096       # attention context limit (serving, planning)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = 0
+    pad_token_id: int | None = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys kept for round trips
+
+    def __post_init__(self) -> None:
+        if self.mamba_heads is None and self.mamba_head_dim > 0:
+            self.mamba_heads = self.expand * self.d_model // self.mamba_head_dim
+        self.time_step_limit = tuple(float(v) for v in self.time_step_limit)  # type: ignore[assignment]
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def d_inner(self) -> int:
+        """Mamba-2 inner width H * P (the x and z streams)."""
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels that go through the causal conv: x, B and C."""
+        return self.d_inner + 2 * self.n_groups * self.ssm_state
+
+    @property
+    def in_proj_dim(self) -> int:
+        """in_proj output: z, xBC and dt."""
+        return self.d_inner + self.conv_dim + self.mamba_heads
+
+    def layer_kinds(self) -> list[str]:
+        return [LAYER_KINDS[c] for c in self.pattern]
+
+    def count(self, kind: str) -> int:
+        return sum(k == kind for k in self.layer_kinds())
+
+    # ---- validation ----------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        bad = sorted(set(self.pattern) - set(LAYER_KINDS))
+        if not self.pattern:
+            raise ValueError("pattern is empty: give at least one layer, e.g. 'M-*-'")
+        if bad:
+            raise ValueError(
+                f"pattern {self.pattern!r} has unknown layer letter(s) {bad}; "
+                "use M (Mamba-2), * (attention) or - (MLP)"
+            )
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                     "ssm_state", "mamba_head_dim", "mamba_heads", "n_groups", "expand",
+                     "conv_kernel", "chunk_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}) for GQA"
+            )
+        if self.mamba_heads % self.n_groups:
+            raise ValueError(
+                f"mamba_heads ({self.mamba_heads}) must be divisible by n_groups ({self.n_groups})"
+            )
+        if not 0.0 <= self.time_step_min <= self.time_step_max:
+            raise ValueError(
+                f"need 0 <= time_step_min ({self.time_step_min}) <= time_step_max ({self.time_step_max})"
+            )
+        lo, hi = self.time_step_limit
+        if not 0.0 <= lo < hi:
+            raise ValueError(f"time_step_limit must satisfy 0 <= low < high, got {self.time_step_limit}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tok = getattr(self, name)
+            if tok is not None and not 0 <= tok < self.vocab_size:
+                raise ValueError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- (de)serialisation ----------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["time_step_limit"] = [self.time_step_limit[0], _json_float(self.time_step_limit[1])]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HybridConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HybridConfig field(s) {unknown}; known fields: {sorted(known)}")
+        d = dict(d)
+        if "time_step_limit" in d:
+            d["time_step_limit"] = tuple(float(v) for v in d["time_step_limit"])
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HybridConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> "HybridConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _json_float(x: float) -> float | str:
+    return "inf" if math.isinf(x) else x
+
+
+def _spread_pattern(n_layers: int, n_attn: int) -> str:
+    """Alternate M/- pairs with `n_attn` attention layers spread evenly (first layer M)."""
+    base = ["M" if i % 2 == 0 else "-" for i in range(n_layers - n_attn)]
+    step = len(base) / (n_attn + 1)
+    for j in range(n_attn, 0, -1):
+        base.insert(round(j * step), "*")
+    return "".join(base)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~4.6M parameters: trains on a laptop CPU in minutes.
+    "tiny": dict(vocab_size=4096, d_model=256, pattern="M-M-*-M-M-*-", n_heads=4, n_kv_heads=2,
+                 head_dim=64, ffn_dim=768, ssm_state=32, mamba_head_dim=32, n_groups=2,
+                 chunk_size=64, max_seq_len=2048),
+    # Nemotron-H-8B-Base (config.json of the public checkpoint).
+    "nemotron-h-8b": dict(vocab_size=131072, d_model=4096,
+                          pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+                          n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=21504, ssm_state=128,
+                          mamba_head_dim=64, mamba_heads=128, n_groups=8, chunk_size=128,
+                          max_seq_len=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Nemotron-H-56B-Base: 118 layers (54 M, 54 -, 10 *).
+    "nemotron-h-56b": dict(vocab_size=131072, d_model=8192, pattern=_spread_pattern(118, 10),
+                           n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=32768, ssm_state=256,
+                           mamba_head_dim=64, mamba_heads=256, n_groups=8, chunk_size=128,
+                           max_seq_len=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # NVIDIA-Nemotron-Nano-12B-v2-Base: 62 layers (28 M, 28 -, 6 *), 12.31B parameters.
+    "nemotron-nano-12b-v2": dict(vocab_size=131072, d_model=5120,
+                                 pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
+                                 n_heads=40, n_kv_heads=8, head_dim=128, ffn_dim=20480, ssm_state=128,
+                                 mamba_head_dim=80, mamba_heads=128, n_groups=8, chunk_size=128,
+                                 max_seq_len=131072, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # NVIDIA-Nemotron-Nano-9B-v2: the 12B pruned to 56 layers, d_model 4480, FFN 15680.
+    "nemotron-nano-9b-v2": dict(vocab_size=131072, d_model=4480,
+                                pattern="M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
+                                n_heads=40, n_kv_heads=8, head_dim=128, ffn_dim=15680, ssm_state=128,
+                                mamba_head_dim=80, mamba_heads=128, n_groups=8, chunk_size=128,
+                                max_seq_len=131072, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+# Published parameter totals, for the README comparison and the tests.
+PUBLISHED_PARAMS = {
+    "nemotron-h-8b": 8.1e9,
+    "nemotron-nano-12b-v2": 12.31e9,
+}
+
+
+def preset(name: str, **overrides: Any) -> HybridConfig:
+    """A named preset, optionally with fields replaced (`preset("tiny", d_model=128)`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return HybridConfig(**{**PRESETS[name], **overrides})
+
+
+def transformer_twin(cfg: HybridConfig) -> HybridConfig:
+    """A pure-attention config with every Mamba layer replaced by attention (`*-*-...`)."""
+    return cfg.replace(pattern=cfg.pattern.replace("M", "*"))

@@ -1,0 +1,150 @@
+"""The SSD (state-space duality) scan of Mamba-2, three ways.
+
+Shapes (b batch, l length, h heads, p head dim, g groups, n state size):
+    x  (b, l, h, p)   inputs            dt (b, l, h)   step sizes (after softplus)
+    A  (h,)           negative decay    B, C (b, l, g, n)  input/output projections
+    D  (h,) or None   skip              state (b, h, p, n)
+
+The recurrence, per head (heads share B/C within a group of h // g heads):
+    state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t (outer) B_t
+    y_t     = state_t . C_t + D * x_t
+
+* `ssd_sequential`: the recurrence as written, one step at a time (the reference).
+* `ssd_chunked`: the chunked SSD algorithm for training and prefill: quadratic
+  attention-like form within chunks of `chunk_size`, state passing across chunks.
+* `ssd_step`: one decoding step on a constant-size state.
+
+All three compute in at least float32 (float64 stays float64) and return y in the
+input dtype and the state in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _heads_per_group(x_heads: int, groups: int) -> int:
+    if x_heads % groups:
+        raise ValueError(f"heads ({x_heads}) must be divisible by groups ({groups})")
+    return x_heads // groups
+
+
+def ssd_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One recurrent step. state (b,h,p,n), x (b,h,p), dt (b,h), B/C (b,g,n) -> y (b,h,p), new state."""
+    cdt = _compute_dtype(state)
+    b, h, p = x.shape
+    r = _heads_per_group(h, B.shape[1])
+    xf, dtf = x.to(cdt), dt.to(cdt)
+    Bh = B.to(cdt).repeat_interleave(r, dim=1)  # (b, h, n)
+    Ch = C.to(cdt).repeat_interleave(r, dim=1)
+    decay = torch.exp(dtf * A.to(cdt))  # (b, h)
+    state = state.to(cdt) * decay[..., None, None] + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * xf
+    return y.to(x.dtype), state
+
+
+def ssd_sequential(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference: run `ssd_step` over the sequence. Returns y (b,l,h,p), final state (b,h,p,n)."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    state = initial_state
+    if state is None:
+        state = x.new_zeros((b, h, p, n), dtype=_compute_dtype(x))
+    ys = []
+    for t in range(l):
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def segsum(a: Tensor) -> Tensor:
+    """Stable segment sums: out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, -inf above.
+
+    a (..., T) -> (..., T, T). exp(segsum(a)) is the lower-triangular decay matrix.
+    """
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # a[..., k, j] = a_k
+    below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    a = a.masked_fill(~below, 0.0)
+    out = torch.cumsum(a, dim=-2)  # sum over k in (j, i]
+    keep = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
+    return out.masked_fill(~keep, float("-inf"))
+
+
+def _to_chunks(t: Tensor, pad: int, chunk: int) -> Tensor:
+    """(b, l, ...) -> (b, c, chunk, ...) after zero-padding l on the right."""
+    if pad:
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+    return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])
+
+
+def ssd_chunked(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+    D: Tensor | None = None, initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD. Any length works: the tail is padded with dt = 0 (identity steps).
+
+    Returns y (b,l,h,p) in x.dtype and the final state (b,h,p,n) in the compute dtype.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = _heads_per_group(h, g)
+    cdt = _compute_dtype(x)
+    Q = chunk_size
+    pad = (-l) % Q
+    # (b, c, Q, ...) chunks; padded steps have dt = 0, so they neither decay nor write the state.
+    xc = _to_chunks(x.to(cdt), pad, Q)                       # (b, c, Q, h, p)
+    dtc = _to_chunks(dt.to(cdt), pad, Q)                     # (b, c, Q, h)
+    Bc = _to_chunks(B.to(cdt), pad, Q)                       # (b, c, Q, g, n)
+    Cc = _to_chunks(C.to(cdt), pad, Q)
+    nc = xc.shape[1]
+
+    a = (dtc * A.to(cdt)).permute(0, 3, 1, 2)                # (b, h, c, Q) log-decay per step
+    a_cum = torch.cumsum(a, dim=-1)                          # (b, h, c, Q)
+    xdt = xc * dtc[..., None]                                # (b, c, Q, h, p)
+    xdt_g = xdt.reshape(b, nc, Q, g, r, p)
+
+    # 1. within chunks: y[l] = sum_{s<=l} (C_l . B_s) exp(a_{s+1..l}) dt_s x_s
+    decay = torch.exp(segsum(a)).reshape(b, g, r, nc, Q, Q)  # (b, g, r, c, l, s)
+    scores = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)      # (b, g, c, l, s)
+    weights = scores[:, :, None] * decay                     # (b, g, r, c, l, s)
+    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", weights, xdt_g)
+
+    # 2. each chunk's own contribution to the state at its end
+    to_end = torch.exp(a_cum[..., -1:] - a_cum).reshape(b, g, r, nc, Q)  # (b, g, r, c, s)
+    chunk_states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", Bc, to_end, xdt_g)
+
+    # 3. pass states across chunks: state entering chunk z = sum_{c<z} decay(c->z) * chunk_state_c
+    if initial_state is None:
+        init = chunk_states.new_zeros((b, 1, g, r, p, n))
+    else:
+        init = initial_state.to(cdt).reshape(b, 1, g, r, p, n)
+    states = torch.cat([init, chunk_states], dim=1)          # (b, c+1, g, r, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    chunk_decay = chunk_decay.reshape(b, g, r, nc + 1, nc + 1)
+    passed = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    entering, final = passed[:, :-1], passed[:, -1]          # (b, c, g, r, p, n), (b, g, r, p, n)
+
+    # 4. the entering state's contribution to each output: C_l . state * exp(a_{1..l})
+    from_start = torch.exp(a_cum).reshape(b, g, r, nc, Q)    # (b, g, r, c, l)
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, entering, from_start)
+
+    y = (y_diag + y_off).reshape(b, nc * Q, h, p)[:, :l]
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x.to(cdt)
+    return y.to(x.dtype), final.reshape(b, h, p, n)
