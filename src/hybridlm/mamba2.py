@@ -67,12 +67,12 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, l, _ = u.shape
         h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
-        if valid is not None:
-            u = u * valid[..., None].to(u.dtype)
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
-        xBC = self._conv(xBC, state)
-        if valid is not None:
-            xBC = xBC * valid[..., None].to(xBC.dtype)
+        if valid is not None:  # pads enter neither the conv window nor the state
+            keep = valid[..., None].to(xBC.dtype)
+            xBC = self._conv(xBC * keep, state) * keep
+        else:
+            xBC = self._conv(xBC, state)
         x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*cfg.time_step_limit)
         A = -torch.exp(self.A_log.float())
