@@ -47,7 +47,7 @@ def test_corrupt_or_foreign_config(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_model(tmp_path / "ck")
     (tmp_path / "ck" / "config.json").write_text(json.dumps({"model_type": "nemotron_h"}))
-    with pytest.raises(ValueError, match="convert --from-hf"):
+    with pytest.raises(ValueError, match="pass --hf DIR"):
         load_model(tmp_path / "ck")
 
 

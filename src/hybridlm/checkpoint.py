@@ -116,7 +116,7 @@ def read_config(ckpt_dir: str | Path) -> HybridConfig:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(payload, dict) or "hybridlm" not in payload:
         raise ValueError(f"{path} is not a hybridlm config (no 'hybridlm' section); "
-                         "for a Hugging Face Nemotron-H directory use `hybridlm convert --from-hf`")
+                         "for a Hugging Face Nemotron-H directory pass --hf DIR, or `hybridlm convert DIR OUT --to hybridlm`")
     return HybridConfig.from_dict(payload["hybridlm"])
 
 

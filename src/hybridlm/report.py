@@ -1,0 +1,130 @@
+"""`hybridlm report RUN_DIR`: a self-contained `report.html` (plots embedded) plus PNGs.
+
+Reads the run's `metrics.jsonl` (train / val / skip records written by the trainer),
+plots train and validation loss against tokens, the learning rate and throughput,
+and shows sample generations from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is this a training run directory?")
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):  # a run killed mid-write: ignore the torn last line
+                break
+            raise ValueError(f"{path}:{i} is not valid JSON") from None
+    if not records:
+        raise ValueError(f"{path} is empty: the run logged nothing yet")
+    return records
+
+
+def _series(records: list[dict], kind: str, x: str, y: str) -> tuple[list, list]:
+    rows = [r for r in records if r.get("kind") == kind and y in r and x in r]
+    return [r[x] for r in rows], [r[y] for r in rows]
+
+
+def plot_curves(records: list[dict], out_dir: Path) -> dict[str, Path]:
+    """loss.png (train + val vs tokens), lr.png, throughput.png; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tx, ty = _series(records, "train", "tokens", "loss")
+    vx, vy = _series(records, "val", "tokens", "val_loss")
+    ax.plot(tx, ty, label="train", alpha=0.7)
+    ax.plot(vx, vy, "o-", label="validation")
+    ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths["loss"] = _save(fig, out_dir / "loss.png")
+    for key, label in (("lr", "learning rate"), ("tokens_per_s", "tokens / s")):
+        fig, ax = plt.subplots(figsize=(7, 2.6))
+        xs, ys = _series(records, "train", "step", key)
+        ax.plot(xs, ys)
+        ax.set(xlabel="step", ylabel=label)
+        ax.grid(alpha=0.3)
+        paths[key] = _save(fig, out_dir / f"{'lr' if key == 'lr' else 'throughput'}.png")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary(records: list[dict]) -> dict[str, Any]:
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    out: dict[str, Any] = {"steps": train[-1]["step"] if train else 0,
+                           "tokens": train[-1].get("tokens", 0) if train else 0,
+                           "skipped_steps": sum(r.get("kind") == "skip" for r in records)}
+    if train:
+        out["final_train_loss"] = train[-1]["loss"]
+        rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
+        out["median_tokens_per_s"] = sorted(rates)[len(rates) // 2] if rates else None
+    if val:
+        out["first_val_loss"] = val[0]["val_loss"]
+        out["final_val_loss"] = val[-1]["val_loss"]
+        out["final_val_ppl"] = math.exp(min(val[-1]["val_loss"], 50))
+    return out
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{path.stem}">'
+
+
+def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write report.html (+ PNGs, report.json) into run_dir; `samples` are (prompt, continuation)."""
+    run = Path(run_dir)
+    records = read_metrics(run)
+    pngs = plot_curves(records, run / "plots")
+    facts = {**summary(records), **(extra or {})}
+    (run / "report.json").write_text(json.dumps({"summary": facts, "samples": samples or []}, indent=2))
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in facts.items())
+    sample_html = "".join(
+        f"<div class=s><b>{html.escape(p)}</b>{html.escape(c)}</div>" for p, c in (samples or []))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>hybridlm report: {html.escape(run.name)}</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}th,td{{padding:2px 12px;text-align:left;border-bottom:1px solid #ddd}}
+.s{{white-space:pre-wrap;background:#f6f6f6;padding:8px;margin:8px 0;font-family:monospace}}img{{max-width:100%}}</style>
+</head><body><h1>Training report: {html.escape(run.name)}</h1>
+<h2>Summary</h2><table>{rows}</table>
+<h2>Loss</h2>{_img(pngs['loss'])}
+<h2>Learning rate</h2>{_img(pngs['lr'])}
+<h2>Throughput</h2>{_img(pngs['tokens_per_s'])}
+<h2>Samples</h2>{sample_html or '<p>(no checkpoint to sample from)</p>'}
+</body></html>"""
+    out = run / "report.html"
+    out.write_text(page)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
