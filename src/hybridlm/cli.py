@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import typing
@@ -222,6 +223,62 @@ def _data(p: argparse.ArgumentParser):
     return run
 
 
+@command("train", "train a model on local text (progress, checkpoints, resume, DDP/FSDP2 under torchrun)")
+def _train(p: argparse.ArgumentParser):
+    from .training import TrainConfig
+    add_dataclass_args(p, TrainConfig)
+
+    def run(a):
+        from .training import TrainConfig, TrainingDiverged, train
+        try:
+            s = train(dataclass_from_args(TrainConfig, a))
+        except TrainingDiverged as e:
+            raise ValueError(str(e)) from None
+        if s is not None and s.get("run_dir"):
+            print(f"done: step {s['step']}, train loss {s['train_loss']}, val loss {s['val_loss']}, "
+                  f"{s['tokens']:,} tokens -> {s['run_dir']}")
+    return run
+
+
+@command("eval", "validation loss and perplexity of a model on prepared token shards")
+def _eval(p: argparse.ArgumentParser):
+    add_model_source(p)
+    p.add_argument("--data", required=True, help="prepared shard directory (hybridlm data prepare)")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=50, help="at most this many batches")
+    p.add_argument("--device", default="auto")
+
+    def run(a):
+        import math
+
+        from .data import TokenDataset
+        from .distributed import DistEnv
+        from .training import evaluate
+        model = load_model_from(a)
+        data = TokenDataset(a.data, split=a.split)
+        if data.vocab_size and data.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"data was tokenized with {data.vocab_size} tokens, the model has {model.cfg.vocab_size}")
+        env = DistEnv("none", 0, 1, 0, model.lm_head.weight.device, False)
+        loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, env)
+        print(f"{a.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
+    return run
+
+
+@command("report", "write report.html (loss curves, lr, throughput, samples) for a training run")
+def _report(p: argparse.ArgumentParser):
+    p.add_argument("run_dir", help="the training run directory (holds metrics.jsonl)")
+    p.add_argument("--prompt", action="append", help="prompts for the sample generations (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+
+    def run(a):
+        from .report import sample_run, write_report
+        prompts = a.prompt or ["In the beginning", "And it came to pass"]
+        print(f"wrote {write_report(a.run_dir, sample_run(a.run_dir, prompts, a.max_new_tokens))}")
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridlm", description="Hybrid Mamba-2 / Transformer language models: build, train, "
@@ -242,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

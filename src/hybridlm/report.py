@@ -19,25 +19,35 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .checkpoint import CONFIG_NAME, load_model  # noqa: E402
+from .generation import SamplingParams, generate_text  # noqa: E402
+from .tokenizer import Tokenizer, default_tokenizer  # noqa: E402
+from .training import latest_checkpoint, read_metrics  # noqa: E402
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+
+def read_run_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All metrics records of a run; FileNotFoundError / ValueError when there are none."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is this a training run directory?")
-    records = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines):  # a run killed mid-write: ignore the torn last line
-                break
-            raise ValueError(f"{path}:{i} is not valid JSON") from None
+    records = read_metrics(run_dir)
     if not records:
         raise ValueError(f"{path} is empty: the run logged nothing yet")
     return records
+
+
+def sample_run(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 60,
+               seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, continuation) pairs from the run's final model, else its latest checkpoint."""
+    run = Path(run_dir)
+    ckpt = run / "final" if (run / "final" / CONFIG_NAME).is_file() else latest_checkpoint(run)
+    if ckpt is None:
+        return []
+    model = load_model(ckpt)
+    tok_file = next((p for p in (ckpt / "tokenizer.json", run / "data" / "tokenizer.json") if p.is_file()), None)
+    tok = Tokenizer.from_file(tok_file) if tok_file else default_tokenizer()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed)
+    return list(zip(prompts, generate_text(model, tok, prompts, params)))
 
 
 def _series(records: list[dict], kind: str, x: str, y: str) -> tuple[list, list]:
@@ -101,7 +111,7 @@ def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = No
                  extra: dict[str, Any] | None = None) -> Path:
     """Write report.html (+ PNGs, report.json) into run_dir; `samples` are (prompt, continuation)."""
     run = Path(run_dir)
-    records = read_metrics(run)
+    records = read_run_metrics(run)
     pngs = plot_curves(records, run / "plots")
     facts = {**summary(records), **(extra or {})}
     (run / "report.json").write_text(json.dumps({"summary": facts, "samples": samples or []}, indent=2))

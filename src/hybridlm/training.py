@@ -1,0 +1,677 @@
+"""Pre-training loop: `TrainConfig` + `train()`, crash-safe checkpoints, exact resume.
+
+    from hybridlm.training import TrainConfig, train
+    summary = train(TrainConfig(model="tiny", data="data/", out="runs/x", steps=2000))
+
+The same code runs in one process or under ``torchrun --nproc_per_node=N`` (DDP, or
+FSDP2 with ``distributed="fsdp2"``); the global batch is ``batch_size * world_size *
+grad_accum`` windows of ``seq_len`` tokens and batches are a pure function of the step
+(:meth:`hybridlm.data.TokenDataset.get_batch`), so resuming from a checkpoint repeats
+the uninterrupted run step for step (bit-exactly on CPU).
+
+Run directory ``out/``::
+
+    train_config.json          the TrainConfig of the latest invocation
+    metrics.jsonl              {"kind": "train"|"val"|"skip", "step": ..., ...} per line
+    data/                      token shards, when `data` was raw text
+    final/                     the last model: config.json, model.safetensors, tokenizer.json
+    checkpoints/latest         the name of the newest complete checkpoint ("step_00000200")
+    checkpoints/step_00000200/ config.json + model.safetensors (a `load_model` directory),
+                               optimizer.pt, rng.pt, trainer_state.json
+
+metrics.jsonl (rank 0; one JSON object per line; steps count completed optimizer steps):
+
+    {"kind": "train", "step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "time"}
+        every `log_every` steps: that step's loss (mean over the global batch), its lr,
+        tokens trained on so far, throughput since the previous line, the global gradient
+        norm before clipping, and training seconds so far (excluding evaluation and
+        checkpointing, cumulative over resumes)
+    {"kind": "val", "step", "val_loss", "tokens"}   at step 0, every `eval_every` steps, at the end
+    {"kind": "skip", "step", "reason"}              a non-finite loss / gradient norm: no update
+
+On resume, lines after the checkpoint's step are dropped, so the file reads like one run.
+
+Crash safety: every file is written to a temp name and renamed, a checkpoint is built
+in ``checkpoints/.tmp-step_*`` and renamed to ``step_*`` only when complete, and
+``latest`` is rewritten (atomically) after that; old checkpoints beyond ``keep_last``
+are removed last. A kill at any moment leaves the previous checkpoint intact; ``.tmp-*``
+leftovers are ignored and cleaned up by the next run. A complete checkpoint that is
+nevertheless damaged (edited, truncated by a failing disk) makes resume raise a
+ValueError naming the bad file rather than silently falling back to an older one:
+delete that ``step_*`` directory (and ``latest``) to resume from the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    atomic_write_text,
+    check_state_dict,
+    load_tensors,
+    read_config,
+    save_model,
+)
+from .config import PRESETS, HybridConfig, preset
+from .data import META_FILE, TokenDataset, default_corpus_path, prepare_shards
+from .model import HybridLM
+from .optim import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, set_lr
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+OPTIMIZER_NAME = "optimizer.pt"
+RNG_NAME = "rng.pt"
+STATE_NAME = "trainer_state.json"
+STATE_FORMAT = "hybridlm-trainer-v1"
+CKPT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, RNG_NAME, STATE_NAME)
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+# Test hook: seconds to sleep after each file of a checkpoint (to SIGKILL mid-write).
+_SLEEP_ENV = "HYBRIDLM_TEST_CKPT_SLEEP"
+
+
+class TrainingDiverged(RuntimeError):
+    """`max_bad_steps` consecutive steps had a non-finite loss or gradient norm."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train()` needs; one CLI flag per field (the trailing comments are the help)."""
+
+    model: str = "tiny"  # preset name, HybridConfig JSON, or checkpoint dir (its config; weights start fresh)
+    data: Optional[str] = None  # prepared shard dir, or raw .txt/.jsonl/dir (tokenized into OUT/data); default: bundled KJV
+    out: str = "runs/train"  # run directory (metrics, checkpoints, final model)
+    steps: int = 1000  # total optimizer steps (the LR schedule spans them)
+    batch_size: int = 16  # micro-batch per rank, in sequences
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * world * grad_accum)
+    seq_len: int = 256  # tokens per sequence
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # final learning rate of the cosine / WSD decay
+    warmup_steps: int = 100  # linear warmup steps
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_frac: float = 0.2  # WSD: fraction of the steps spent in the final linear decay
+    weight_decay: float = 0.1  # decoupled AdamW decay on >=2-D weights (none on norms, biases, A_log, D, dt_bias)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    eval_every: int = 100  # validate every N steps (0 = only at the start and end)
+    eval_batches: int = 20  # validation batches per evaluation (0 = no validation)
+    save_every: int = 500  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 3  # checkpoints to keep (0 = all)
+    seed: int = 0  # seed for the weights and the data order
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    resume: bool = False  # continue from OUT/checkpoints/latest (starts fresh if there is none)
+    stop_at: Optional[int] = None  # end this invocation after this step (checkpointed) without changing the schedule
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
+    distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp2
+    log_every: int = 10  # write a train metrics line every N steps
+    progress: bool = True  # show a progress bar (rank 0)
+    val_fraction: float = 0.01  # held-out fraction when tokenizing raw text
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CUDA too)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {what}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        need(bool(self.model), "model must be a preset name or a config path")
+        need(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(0 < self.decay_frac <= 1, f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0 and self.eps > 0,
+             "weight_decay and grad_clip must be >= 0 and eps > 0")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        need(self.distributed in D.MODES, f"distributed must be one of {D.MODES}, got {self.distributed!r}")
+        need(self.stop_at is None or self.stop_at >= 1, f"stop_at must be >= 1, got {self.stop_at}")
+        need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def resolve_model_config(spec: str) -> HybridConfig:
+    """A preset name, a HybridConfig JSON file, or a hybridlm checkpoint directory / its config.json."""
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return read_config(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                                "nor an existing config file")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+    if isinstance(payload, dict) and "hybridlm" in payload:  # a checkpoint's config.json
+        return read_config(path.parent)
+    return HybridConfig.load(path)
+
+
+def _on_main(env: D.DistEnv, fn):
+    """Run `fn` on rank 0 only; its result, or its exception, reaches every rank."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, on every rank
+            error = e
+    if env.world_size > 1:
+        info = D.broadcast_object(None if error is None else (type(error).__name__, str(error)), env)
+        if info is not None:
+            if error is not None:
+                raise error
+            raise {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(info[0], RuntimeError)(info[1])
+        return D.broadcast_object(result, env)
+    if error is not None:
+        raise error
+    return result
+
+
+def resolve_data(tc: TrainConfig, env: D.DistEnv) -> Path:
+    """The prepared shard directory for `tc.data` (tokenizing raw text into OUT/data on rank 0)."""
+    src = Path(tc.data) if tc.data else default_corpus_path()
+    if src.is_dir() and (src / META_FILE).is_file():
+        return src
+    dest = Path(tc.out) / "data"
+
+    def prepare() -> str:
+        if not src.exists():
+            raise FileNotFoundError(f"data path not found: {src}")
+        meta_path = dest / META_FILE
+        if meta_path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                meta = json.loads(meta_path.read_text())
+                if meta.get("sources") == [str(src)] and meta.get("val_fraction") == tc.val_fraction:
+                    return str(dest)
+        from .tokenizer import default_tokenizer
+        _say(env, f"tokenizing {src} into {dest}")
+        prepare_shards(src, default_tokenizer(), dest, val_fraction=tc.val_fraction, progress=tc.progress)
+        return str(dest)
+
+    return Path(_on_main(env, prepare))
+
+
+def _say(env: D.DistEnv, msg: str) -> None:
+    if env.is_main:
+        tqdm.write(f"[hybridlm] {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (temp dirs are ignored)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``checkpoints/latest`` (else the newest ``step_*`` dir), or None.
+
+    ValueError if ``latest`` names something that is not a checkpoint directory.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(errors="replace").strip()
+        if not _STEP_DIR.fullmatch(name) or not (root / name).is_dir():
+            raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint directory in {root}; "
+                             f"remove {pointer} to resume from the newest step_* directory")
+        return root / name
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _pause() -> None:
+    delay = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename aside (atomic, so no half-deleted dir keeps a checkpoint name), then delete."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(run_dir: str | Path) -> None:
+    """Delete ``.tmp-*`` / ``.trash-*`` leftovers of interrupted checkpoint (and final model) writes."""
+    for root in (Path(run_dir) / CKPT_DIR, Path(run_dir)):
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):  # atomic_write temps
+                    p.unlink(missing_ok=True)
+
+
+def _model_for_saving(cfg: HybridConfig, model_sd: dict[str, torch.Tensor]) -> HybridLM:
+    """A HybridLM whose parameters are the (CPU) tensors of `model_sd`, for `save_model`."""
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    model.load_state_dict(model_sd, strict=not cfg.tie_embeddings, assign=True)
+    return model
+
+
+def save_checkpoint(run_dir: str | Path, step: int, cfg: HybridConfig, model_sd: dict[str, torch.Tensor],
+                    optim_sd: dict[str, Any], rng: dict[str, Any], state: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Write ``checkpoints/step_{step:08d}`` atomically, point ``latest`` at it, prune to `keep_last`."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        save_model(_model_for_saving(cfg, model_sd), tmp, extra={"step": step})
+        _pause()
+        atomic_write(tmp / OPTIMIZER_NAME, lambda p: torch.save(optim_sd, p))
+        _pause()
+        atomic_write(tmp / RNG_NAME, lambda p: torch.save(rng, p))
+        _pause()
+        atomic_write_text(tmp / STATE_NAME, json.dumps({"format": STATE_FORMAT, **state}, indent=2) + "\n")
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # a newer-than-latest leftover of a crash right after its rename
+            _remove_dir(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    _pause()
+    atomic_write_text(root / LATEST, name + "\n")
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            if old != final:
+                _remove_dir(old)
+    return final
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip/EOF/Runtime errors of a damaged file
+        raise ValueError(f"{path} is not a readable checkpoint file (corrupt or truncated?): {e}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and check a training checkpoint directory.
+
+    Returns ``{"path", "config", "model", "optimizer", "rng", "state"}``. A missing,
+    corrupt or inconsistent file raises ValueError naming it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    for name in CKPT_FILES:
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing")
+    try:
+        cfg = read_config(path)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{path / CONFIG_NAME} is not a valid hybridlm config: {e}") from None
+    tensors = load_tensors(path / WEIGHTS_NAME)
+    with torch.device("meta"):
+        check_state_dict(HybridLM(cfg), tensors, str(path / WEIGHTS_NAME))
+    optim = _torch_load(path / OPTIMIZER_NAME)
+    if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
+        raise ValueError(f"{path / OPTIMIZER_NAME} does not hold an optimizer state dict")
+    rng = _torch_load(path / RNG_NAME)
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / STATE_NAME} is not valid JSON (corrupt?): {e}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path / STATE_NAME} is not a {STATE_FORMAT} trainer state")
+    return {"path": path, "config": cfg, "model": tensors, "optimizer": optim, "rng": rng, "state": state}
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------- metrics
+
+
+class _Metrics:
+    """metrics.jsonl writer (rank 0). On resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if keep_until is not None and path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(json.JSONDecodeError, AttributeError, TypeError):
+                    if json.loads(line).get("step", math.inf) <= keep_until:
+                        kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+            self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Records of ``run_dir/metrics.jsonl`` (optionally only one `kind`); a torn last line is skipped."""
+    records = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and (kind is None or record.get("kind") == kind):
+                records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@torch.no_grad()
+def evaluate(model: HybridLM, val: TokenDataset, batch_size: int, seq_len: int, max_batches: int,
+             env: D.DistEnv, autocast: Any = contextlib.nullcontext) -> float:
+    """Mean loss over the first `max_batches` global validation batches (every rank must call)."""
+    was_training = model.training
+    model.eval()
+    total, n = torch.zeros((), device=env.device), 0
+    for x, y in val.iter_eval_batches(batch_size, seq_len, max_batches, env.rank, env.world_size):
+        with autocast():
+            total += model.loss(x.to(env.device), y.to(env.device)).float()
+        n += 1
+    model.train(was_training)
+    return float(D.all_reduce_mean(total / max(n, 1), env))
+
+
+def _autocast_for(tc: TrainConfig, device: torch.device):
+    use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train(tc: TrainConfig) -> dict[str, Any]:
+    """Train per `tc` and return a summary.
+
+    Summary keys: ``run_dir``, ``step``, ``train_loss`` (last step), ``val_loss`` (last
+    evaluation), ``tokens`` (trained on, global), ``tokens_per_s``, ``skipped_steps``,
+    ``num_params``, ``checkpoint`` (latest), ``elapsed_s`` (training time, cumulative over
+    resumes; ``tokens_per_s`` is for this invocation). Raises FileNotFoundError /
+    ValueError for bad inputs (missing data, empty or non-UTF-8 corpus, corrupt
+    checkpoint, inconsistent config) and :class:`TrainingDiverged` after
+    `max_bad_steps` consecutive non-finite steps.
+    """
+    env = D.setup(tc.distributed, tc.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if tc.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        return _train(tc, env)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        D.teardown(env)
+
+
+def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
+    out = Path(tc.out)
+    main = env.is_main
+    _seed_all(tc.seed)
+
+    def check_run_dir() -> str | None:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        found = latest_checkpoint(out)
+        if found is not None and not tc.resume:
+            raise ValueError(f"{out} already holds checkpoints (latest {found.name}); pass resume=True "
+                             "(--resume) to continue that run, or choose another out directory")
+        return str(found) if found is not None and tc.resume else None
+
+    found = _on_main(env, check_run_dir)
+    if tc.resume and found is None:
+        _say(env, f"resume requested but {out / CKPT_DIR} holds no checkpoint; starting from scratch")
+    data_dir = resolve_data(tc, env)
+    train_ds = TokenDataset(data_dir, "train")
+    val_ds = TokenDataset(data_dir, "val") if tc.eval_batches > 0 else None
+    if val_ds is not None:  # fail now, not at the first evaluation, if one batch does not fit
+        next(val_ds.iter_eval_batches(tc.batch_size, tc.seq_len, 1, env.rank, env.world_size))
+    cfg = resolve_model_config(tc.model)
+    try:
+        ckpt = load_checkpoint(found) if found else None
+    except ValueError as e:
+        older = [p for p in list_checkpoints(out) if int(p.name[5:]) < int(Path(found).name[5:])]
+        hint = (f"; to resume from {older[-1].name} instead, delete {found} and {out / CKPT_DIR / LATEST}"
+                if older else "")
+        raise ValueError(f"{e}{hint}") from None
+    if ckpt is not None and ckpt["config"] != cfg:
+        diff = sorted(k for k, v in cfg.to_dict().items() if ckpt["config"].to_dict().get(k) != v)
+        raise ValueError(f"checkpoint {found} was trained with a different model config (fields {diff}); "
+                         "pass the same --model to resume")
+    if train_ds.vocab_size is not None and train_ds.vocab_size > cfg.vocab_size:
+        raise ValueError(f"data {data_dir} was tokenized with a {train_ds.vocab_size}-token vocabulary but the "
+                         f"model has vocab_size={cfg.vocab_size}")
+
+    model = HybridLM(cfg)
+    model.init_weights(tc.seed)
+    model.to(env.device)
+    num_params = model.num_params()
+    module = D.wrap(model, env)
+    opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "bad_steps": 0, "skipped_steps": 0,
+             "train_loss": None, "val_loss": None}
+    if ckpt is not None:
+        D.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"], strict=not cfg.tie_embeddings)
+        for group in opt.param_groups:  # hyper-parameters come from tc, moments from the checkpoint
+            group.update(betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=opt.defaults["foreach"],
+                         fused=opt.defaults["fused"],
+                         weight_decay=tc.weight_decay if group.get("name") == "decay" else 0.0)
+        _set_rng_state(ckpt["rng"])
+        state.update({k: ckpt["state"][k] for k in state if k in ckpt["state"]})
+        saved = {**ckpt["state"].get("train_config", {}), "world_size": ckpt["state"].get("world_size")}
+        now = {**tc.to_dict(), "world_size": env.world_size}
+        changed = [k for k in ("batch_size", "grad_accum", "seq_len", "seed", "steps", "lr", "min_lr", "warmup_steps",
+                                "schedule", "weight_decay", "beta1", "beta2", "world_size")
+                   if saved.get(k) is not None and saved[k] != now[k]]
+        if changed:
+            _say(env, f"warning: resuming with changed {', '.join(changed)}; the run will not repeat an "
+                      "uninterrupted one")
+        _say(env, f"resumed from {found} at step {state['step']}")
+        del ckpt
+    if main:
+        atomic_write_text(out / "train_config.json", json.dumps(tc.to_dict(), indent=2) + "\n")
+    metrics = _Metrics(out / "metrics.jsonl", main, state["step"] if found else None)
+    autocast = _autocast_for(tc, env.device)
+    tokens_per_step = tc.batch_size * env.world_size * tc.grad_accum * tc.seq_len
+    end = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
+    last_ckpt = Path(found) if found else None
+    start_step, start_elapsed = state["step"], state["elapsed_s"]
+
+    def run_eval(step: int) -> None:
+        state["val_loss"] = evaluate(model, val_ds, tc.batch_size, tc.seq_len, tc.eval_batches, env, autocast)
+        metrics.write({"kind": "val", "step": step, "val_loss": state["val_loss"], "tokens": state["tokens"]})
+
+    def save(step: int) -> None:
+        nonlocal last_ckpt
+        model_sd, optim_sd = D.full_state(model, opt) if env.mode == "fsdp2" or main else (None, None)
+        st = {**state, "world_size": env.world_size, "train_config": tc.to_dict()}
+        last_ckpt = Path(_on_main(env, lambda: str(save_checkpoint(
+            out, step, cfg, model_sd, optim_sd, _rng_state(), st, tc.keep_last))))
+
+    bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (main and tc.progress), file=sys.stderr)
+    try:
+        if val_ds is not None and found is None:
+            run_eval(0)
+        interval_time, interval_tokens = 0.0, 0
+        model.train()
+        for step in range(start_step, end):
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=tc.lr, min_lr=tc.min_lr, steps=tc.steps, warmup_steps=tc.warmup_steps,
+                       schedule=tc.schedule, decay_frac=tc.decay_frac)
+            set_lr(opt, lr)
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(tc.grad_accum):
+                x, y = train_ds.get_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed,
+                                          env.rank, env.world_size)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                with D.grad_sync(module, env, sync=micro == tc.grad_accum - 1):
+                    with autocast():
+                        loss = module(x, y)
+                    (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            loss_mean = D.all_reduce_mean(loss_sum / tc.grad_accum, env)
+            gnorm = clip_grad_norm(model.parameters(), tc.grad_clip)
+            loss_v, gnorm_v = torch.stack([loss_mean, gnorm.float().to(loss_mean.device)]).tolist()
+            done = step + 1
+            if math.isfinite(loss_v) and math.isfinite(gnorm_v):
+                opt.step()
+                state["bad_steps"] = 0
+                state["train_loss"] = loss_v
+            else:
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
+                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+                reason = f"non-finite {what} ({loss_v if what == 'loss' else gnorm_v})"
+                metrics.write({"kind": "skip", "step": done, "reason": reason})
+                _say(env, f"step {done}: {reason}; skipped the update")
+                if state["bad_steps"] >= tc.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"training diverged: {state['bad_steps']} consecutive steps (up to step {done}) had a "
+                        f"non-finite loss or gradient norm, last: {reason}. Checkpoints are untouched (latest: "
+                        f"{last_ckpt or 'none'}); lower the learning rate or resume from the latest checkpoint.",
+                        done, last_ckpt)
+            opt.zero_grad(set_to_none=True)
+            state["step"] = done
+            state["tokens"] += tokens_per_step
+            dt = time.perf_counter() - t0
+            state["elapsed_s"] += dt
+            interval_time += dt
+            interval_tokens += tokens_per_step
+            if done % tc.log_every == 0 or done == end:
+                tps = interval_tokens / max(interval_time, 1e-9)
+                if state["bad_steps"] == 0:
+                    metrics.write({"kind": "train", "step": done, "loss": loss_v, "lr": lr, "tokens": state["tokens"],
+                                   "tokens_per_s": tps, "grad_norm": gnorm_v, "time": state["elapsed_s"]})
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                interval_time, interval_tokens = 0.0, 0
+            bar.update(1)
+            if val_ds is not None and (done == end or (tc.eval_every and done % tc.eval_every == 0)):
+                run_eval(done)
+            if done == end or (tc.save_every and done % tc.save_every == 0):
+                save(done)
+        if start_step >= end and val_ds is not None:  # nothing left to train: just report
+            state["val_loss"] = evaluate(model, val_ds, tc.batch_size, tc.seq_len, tc.eval_batches, env, autocast)
+        if end == tc.steps:
+            _export_final(tc, env, model, cfg, data_dir)
+    finally:
+        bar.close()
+        metrics.close()
+    trained, took = state["step"] - start_step, state["elapsed_s"] - start_elapsed
+    return {"run_dir": str(out), "step": state["step"], "train_loss": state["train_loss"],
+            "val_loss": state["val_loss"], "tokens": state["tokens"],
+            "tokens_per_s": trained * tokens_per_step / took if trained and took > 0 else None,
+            "skipped_steps": state["skipped_steps"], "num_params": num_params,
+            "checkpoint": str(last_ckpt) if last_ckpt else None, "elapsed_s": state["elapsed_s"]}
+
+
+def _export_final(tc: TrainConfig, env: D.DistEnv, model: HybridLM, cfg: HybridConfig, data_dir: Path) -> None:
+    """OUT/final: the trained model (a `load_model` directory) plus the data's tokenizer.json."""
+    model_sd = D.full_model_state(model) if env.mode == "fsdp2" or env.is_main else None
+
+    def write() -> None:
+        final = Path(tc.out) / "final"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=tc.out))
+        try:
+            save_model(_model_for_saving(cfg, model_sd), tmp, extra={"step": tc.steps})
+            if (data_dir / "tokenizer.json").is_file():
+                atomic_write(tmp / "tokenizer.json", lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
+            if final.exists():
+                _remove_dir(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    _on_main(env, write)

@@ -1,0 +1,53 @@
+"""Shared fixtures: a small token-shard directory cut from the bundled corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hybridlm.data import default_corpus_path, prepare_shards, read_documents
+from hybridlm.tokenizer import default_tokenizer
+
+SMALL_CORPUS_CHARS = 200_000  # ~50k tokens: the first books of Genesis
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared train/val shards (val = last 10%) of the first 200k characters of the KJV.
+
+    Session-scoped and shared: treat it as read-only.
+    """
+    root = tmp_path_factory.mktemp("small_shards")
+    (text,) = read_documents(default_corpus_path())
+    corpus = root / "corpus.txt"
+    corpus.write_text(text[:SMALL_CORPUS_CHARS], encoding="utf-8")
+    out = root / "shards"
+    prepare_shards(corpus, default_tokenizer(), out, val_fraction=0.1, progress=False)
+    return out
+
+
+TINY_MODEL = dict(vocab_size=4096, d_model=64, pattern="M-*-", n_heads=2, n_kv_heads=1, head_dim=32,
+                  ffn_dim=128, ssm_state=16, mamba_head_dim=16, n_groups=1, chunk_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a HybridConfig JSON for a ~0.6M-parameter model (M, MLP, attention, MLP) on the default vocab."""
+    from hybridlm.config import HybridConfig
+
+    path = tmp_path_factory.mktemp("tiny_model") / "tiny.json"
+    HybridConfig(**TINY_MODEL).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: small models barely gain from more, and a single
+    thread cannot stall on the OpenMP barriers when other processes load the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
