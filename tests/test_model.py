@@ -129,3 +129,13 @@ def test_bad_input_ids(bad, match):
 def test_bad_attention_mask_shape():
     with pytest.raises(ValueError, match="attention_mask shape"):
         small_model()(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_param_matched_twin():
+    from hybridlm.info import param_matched_twin
+    cfg = preset("tiny")
+    twin = param_matched_twin(cfg)
+    assert "M" not in twin.pattern and twin.count("attention") == cfg.count("attention") + cfg.count("mamba")
+    assert abs(count_params(twin) - count_params(cfg)) / count_params(cfg) < 0.001
+    with pytest.raises(ValueError, match="no MLP layer"):
+        param_matched_twin(preset("tiny", pattern="M*M*"))

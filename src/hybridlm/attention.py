@@ -45,7 +45,7 @@ class Attention(nn.Module):
         return t.view(b, l, n, self.head_dim).transpose(1, 2)  # (b, n, l, d)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, key_valid: Tensor | None = None) -> Tensor:
-        """x (b, l, d_model). key_valid (b, k_len) marks real tokens among all keys (None: all real)."""
+        """x (b, l, d_model). key_valid (b, k_len) marks real tokens among all keys (None: no padding)."""
         b, l, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv_heads)
@@ -53,10 +53,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         k_len = k.shape[2]
-        all_valid = key_valid is None or bool(key_valid.all())
-        if all_valid and k_len == l:
+        if key_valid is None and k_len == l:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif all_valid and l == 1:
+        elif key_valid is None and l == 1:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:
             if key_valid is None:

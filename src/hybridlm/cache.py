@@ -59,6 +59,7 @@ class InferenceCache:
     def __init__(self, layers: list[MambaState | KVCache | None], batch: int, device: torch.device) -> None:
         self.layers = layers
         self.mask = torch.ones(batch, 0, dtype=torch.bool, device=device)
+        self.has_padding = False  # any False in `mask` (lets attention skip the mask when there is none)
 
     @classmethod
     def empty(cls, cfg: HybridConfig, batch: int, capacity: int = 256,
@@ -84,8 +85,14 @@ class InferenceCache:
         """Tokens (pads included) already processed."""
         return self.mask.shape[1]
 
-    def extend_mask(self, mask: Tensor) -> None:
+    def extend_mask(self, mask: Tensor | None, length: int) -> Tensor | None:
+        """Record the validity of `length` new positions (None: all real); return the key mask or None."""
+        if mask is None:
+            mask = torch.ones(self.mask.shape[0], length, dtype=torch.bool, device=self.mask.device)
+        else:
+            self.has_padding = self.has_padding or not bool(mask.all())
         self.mask = torch.cat([self.mask, mask.to(torch.bool)], dim=1)
+        return self.mask if self.has_padding else None
 
     def nbytes(self) -> dict[str, int]:
         out = {"mamba": 0, "attention": 0}
@@ -104,3 +111,4 @@ class InferenceCache:
             elif isinstance(layer, KVCache):
                 layer.k, layer.v = layer.k[rows], layer.v[rows]
         self.mask = self.mask[rows]
+        self.has_padding = bool((~self.mask).any())

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PUBLISHED_PARAMS, HybridConfig
-from .model import HybridLM
+from .config import PUBLISHED_PARAMS, HybridConfig, transformer_twin
+from .model import HybridLM, count_params
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fp8": 1, "nvfp4": 0.5625}
 
@@ -100,3 +100,22 @@ def format_info(cfg: HybridConfig, name: str | None = None, contexts: tuple[int,
         lines.append(f"  {ctx:>8}  {human_bytes(r.kv_cache):>12}  {human_bytes(r.mamba_state):>12}  "
                      f"{human_bytes(r.kv_cache + r.mamba_state):>12}")
     return "\n".join(lines)
+
+
+def param_matched_twin(cfg: HybridConfig, tol: float = 0.02) -> HybridConfig:
+    """`transformer_twin(cfg)` (every M -> *) with `ffn_dim` chosen so its parameter count is closest to `cfg`'s.
+
+    Parameters are linear in ffn_dim, so the MLP layers absorb the difference. ValueError
+    if the pattern has no MLP layer or the best match is more than `tol` apart.
+    """
+    target = count_params(cfg)
+    twin = transformer_twin(cfg)
+    if twin.count("mlp") == 0:
+        raise ValueError(f"pattern {cfg.pattern!r} has no MLP layer to absorb the parameter difference")
+    base = count_params(twin)
+    per_unit = count_params(twin.replace(ffn_dim=twin.ffn_dim + 1)) - base  # params per unit of ffn_dim
+    twin = twin.replace(ffn_dim=max(1, round(twin.ffn_dim + (target - base) / per_unit)))
+    got = count_params(twin)
+    if abs(got - target) > tol * target:
+        raise ValueError(f"closest twin has {got:,} parameters vs {target:,} (> {tol:.0%} apart)")
+    return twin

@@ -59,7 +59,12 @@ class Mamba2Mixer(nn.Module):
         full = torch.cat([prev, xBC.transpose(1, 2)], dim=-1)  # (b, c, k - 1 + l)
         if state is not None:
             state.conv = full[..., full.shape[-1] - (k - 1):]
-        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=c)  # (b, c, l)
+        if l == 1:  # decode: one dot product per channel is cheaper than a conv call
+            out = (full * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+            if self.conv1d.bias is not None:
+                out = out + self.conv1d.bias[:, None]
+        else:
+            out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=c)  # (b, c, l)
         return F.silu(out).transpose(1, 2)
 
     def forward(self, u: Tensor, state: MambaState | None = None, valid: Tensor | None = None) -> Tensor:

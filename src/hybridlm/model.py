@@ -99,13 +99,9 @@ class HybridLM(nn.Module):
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if valid is not None and valid.shape != (b, l):
             raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape {(b, l)}")
-        key_valid = valid
-        if cache is not None:
-            cache.extend_mask(valid if valid is not None else torch.ones(b, l, dtype=torch.bool,
-                                                                           device=input_ids.device))
-            key_valid = cache.mask
         if valid is not None and bool(valid.all()):
-            valid = None
+            valid = None  # no padding: every layer takes its unmasked fast path
+        key_valid = cache.extend_mask(valid, l) if cache is not None else valid
         x = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             state = cache.layers[i] if cache is not None else None

@@ -41,15 +41,16 @@ def ssd_step(
     """One recurrent step. state (b,h,p,n), x (b,h,p), dt (b,h), B/C (b,g,n) -> y (b,h,p), new state."""
     cdt = _compute_dtype(state)
     b, h, p = x.shape
-    r = _heads_per_group(h, B.shape[1])
-    xf, dtf = x.to(cdt), dt.to(cdt)
-    Bh = B.to(cdt).repeat_interleave(r, dim=1)  # (b, h, n)
-    Ch = C.to(cdt).repeat_interleave(r, dim=1)
-    decay = torch.exp(dtf * A.to(cdt))  # (b, h)
-    state = state.to(cdt) * decay[..., None, None] + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    g, n = B.shape[1:]
+    r = _heads_per_group(h, g)
+    xf, dtf = x.to(cdt).view(b, g, r, p), dt.to(cdt).view(b, g, r)
+    decay = torch.exp(dtf * A.to(cdt).view(g, r))                         # (b, g, r)
+    Bg, Cg = B.to(cdt)[:, :, None, None, :], C.to(cdt)[:, :, None, :]      # broadcast over the group's heads
+    state = state.to(cdt).view(b, g, r, p, n) * decay[..., None, None] + (dtf[..., None] * xf)[..., None] * Bg
+    y = (state @ Cg[..., None]).squeeze(-1)                                # (b, g, r, p)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * xf
+        y = y + D.to(cdt).view(g, r)[..., None] * xf
+    y, state = y.reshape(b, h, p), state.reshape(b, h, p, n)
     return y.to(x.dtype), state
 
 
@@ -64,8 +65,8 @@ def ssd_sequential(
     if state is None:
         state = x.new_zeros((b, h, p, n), dtype=_compute_dtype(x))
     ys = []
-    for t in range(l):
-        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+    for xt, dtt, Bt, Ct in zip(x.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
+        y, state = ssd_step(state, xt, dtt, A, Bt, Ct, D)
         ys.append(y)
     return torch.stack(ys, dim=1), state
 

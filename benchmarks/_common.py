@@ -1,0 +1,34 @@
+"""Helpers shared by the benchmark scripts: device sync, environment line, CPU contention."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout too
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def environment_line(device: str) -> str:
+    name = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+            else platform.processor() or platform.machine())
+    load = f" | load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return (f"torch {torch.__version__} | device {device} ({name}) | threads {torch.get_num_threads()} "
+            f"| cpus {os.cpu_count()}{load}")
+
+
+def cpu_pressure_us() -> int | None:
+    """Linux PSI: total microseconds some runnable task waited for a CPU (None where unavailable)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
