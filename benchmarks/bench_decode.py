@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 
 from _common import cpu_pressure_us, environment_line, sync  # noqa: E402  (also puts src/ on sys.path)
 
-from hybridlm.config import HybridConfig, preset  # noqa: E402
+from hybridlm.config import preset  # noqa: E402
 from hybridlm.info import param_matched_twin  # noqa: E402
 from hybridlm.model import HybridLM, count_params  # noqa: E402
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import _common  # noqa: E402,F401  (puts src/ on sys.path)
 
 from hybridlm.config import HybridConfig, preset  # noqa: E402
 from hybridlm.info import param_matched_twin  # noqa: E402
-from hybridlm.model import HybridLM, count_params  # noqa: E402
+from hybridlm.model import HybridLM  # noqa: E402
 from hybridlm.optim import build_optimizer, clip_grad_norm  # noqa: E402
 
 # ~125M parameters (24 layers: 8 Mamba-2, 4 attention, 12 MLP), GPT-2-small width.

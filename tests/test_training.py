@@ -19,8 +19,8 @@ from hybridlm.checkpoint import WEIGHTS_NAME, load_model, load_tensors
 from hybridlm.config import preset
 from hybridlm.model import HybridLM
 from hybridlm.optim import build_optimizer, lr_at, param_groups
+from hybridlm.run_checkpoints import OPTIMIZER_NAME
 from hybridlm.training import (
-    OPTIMIZER_NAME,
     TrainConfig,
     TrainingDiverged,
     latest_checkpoint,

@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .checkpoint import CONFIG_NAME, load_model  # noqa: E402
 from .generation import SamplingParams, generate_text  # noqa: E402
 from .tokenizer import Tokenizer, default_tokenizer  # noqa: E402
-from .training import latest_checkpoint, read_metrics  # noqa: E402
+from .run_checkpoints import latest_checkpoint  # noqa: E402
+from .training import read_metrics  # noqa: E402
 
 
 def read_run_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

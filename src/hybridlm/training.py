@@ -9,7 +9,7 @@ grad_accum`` windows of ``seq_len`` tokens and batches are a pure function of th
 (:meth:`hybridlm.data.TokenDataset.get_batch`), so resuming from a checkpoint repeats
 the uninterrupted run step for step (bit-exactly on CPU).
 
-Run directory ``out/``::
+Run directory ``out/`` (checkpoint files: see `hybridlm.run_checkpoints`)::
 
     train_config.json          the TrainConfig of the latest invocation
     metrics.jsonl              {"kind": "train"|"val"|"skip", "step": ..., ...} per line
@@ -48,8 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import random
-import re
 import shutil
 import sys
 import tempfile
@@ -58,36 +56,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_write,
-    atomic_write_text,
-    check_state_dict,
-    load_tensors,
-    read_config,
-    save_model,
-)
+from .checkpoint import atomic_write, atomic_write_text, read_config, save_model
 from .config import PRESETS, HybridConfig, preset
 from .data import META_FILE, TokenDataset, default_corpus_path, prepare_shards
 from .model import HybridLM
+from .run_checkpoints import (
+    CKPT_DIR,
+    LATEST,
+    model_for_saving,
+    remove_dir,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    clean_stale,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .optim import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, set_lr
 
-CKPT_DIR = "checkpoints"
-LATEST = "latest"
-OPTIMIZER_NAME = "optimizer.pt"
-RNG_NAME = "rng.pt"
-STATE_NAME = "trainer_state.json"
-STATE_FORMAT = "hybridlm-trainer-v1"
-CKPT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, RNG_NAME, STATE_NAME)
-_STEP_DIR = re.compile(r"step_(\d{8,})")
-# Test hook: seconds to sleep after each file of a checkpoint (to SIGKILL mid-write).
-_SLEEP_ENV = "HYBRIDLM_TEST_CKPT_SLEEP"
 
 
 class TrainingDiverged(RuntimeError):
@@ -234,179 +226,6 @@ def _say(env: D.DistEnv, msg: str) -> None:
         tqdm.write(f"[hybridlm] {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temp dirs are ignored)."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint named by ``checkpoints/latest`` (else the newest ``step_*`` dir), or None.
-
-    ValueError if ``latest`` names something that is not a checkpoint directory.
-    """
-    root = Path(run_dir) / CKPT_DIR
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(errors="replace").strip()
-        if not _STEP_DIR.fullmatch(name) or not (root / name).is_dir():
-            raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint directory in {root}; "
-                             f"remove {pointer} to resume from the newest step_* directory")
-        return root / name
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def _pause() -> None:
-    delay = float(os.environ.get(_SLEEP_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_dir(path: Path) -> None:
-    """Rename aside (atomic, so no half-deleted dir keeps a checkpoint name), then delete."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def clean_stale(run_dir: str | Path) -> None:
-    """Delete ``.tmp-*`` / ``.trash-*`` leftovers of interrupted checkpoint (and final model) writes."""
-    for root in (Path(run_dir) / CKPT_DIR, Path(run_dir)):
-        if root.is_dir():
-            for p in root.iterdir():
-                if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                elif p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):  # atomic_write temps
-                    p.unlink(missing_ok=True)
-
-
-def _model_for_saving(cfg: HybridConfig, model_sd: dict[str, torch.Tensor]) -> HybridLM:
-    """A HybridLM whose parameters are the (CPU) tensors of `model_sd`, for `save_model`."""
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    model.load_state_dict(model_sd, strict=not cfg.tie_embeddings, assign=True)
-    return model
-
-
-def save_checkpoint(run_dir: str | Path, step: int, cfg: HybridConfig, model_sd: dict[str, torch.Tensor],
-                    optim_sd: dict[str, Any], rng: dict[str, Any], state: dict[str, Any],
-                    keep_last: int = 0) -> Path:
-    """Write ``checkpoints/step_{step:08d}`` atomically, point ``latest`` at it, prune to `keep_last`."""
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
-        save_model(_model_for_saving(cfg, model_sd), tmp, extra={"step": step})
-        _pause()
-        atomic_write(tmp / OPTIMIZER_NAME, lambda p: torch.save(optim_sd, p))
-        _pause()
-        atomic_write(tmp / RNG_NAME, lambda p: torch.save(rng, p))
-        _pause()
-        atomic_write_text(tmp / STATE_NAME, json.dumps({"format": STATE_FORMAT, **state}, indent=2) + "\n")
-        _fsync_dir(tmp)
-        final = root / name
-        if final.exists():  # a newer-than-latest leftover of a crash right after its rename
-            _remove_dir(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
-    _pause()
-    atomic_write_text(root / LATEST, name + "\n")
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            if old != final:
-                _remove_dir(old)
-    return final
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip/EOF/Runtime errors of a damaged file
-        raise ValueError(f"{path} is not a readable checkpoint file (corrupt or truncated?): {e}") from None
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read and check a training checkpoint directory.
-
-    Returns ``{"path", "config", "model", "optimizer", "rng", "state"}``. A missing,
-    corrupt or inconsistent file raises ValueError naming it.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    for name in CKPT_FILES:
-        if not (path / name).is_file():
-            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing")
-    try:
-        cfg = read_config(path)
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"{path / CONFIG_NAME} is not a valid hybridlm config: {e}") from None
-    tensors = load_tensors(path / WEIGHTS_NAME)
-    with torch.device("meta"):
-        check_state_dict(HybridLM(cfg), tensors, str(path / WEIGHTS_NAME))
-    optim = _torch_load(path / OPTIMIZER_NAME)
-    if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
-        raise ValueError(f"{path / OPTIMIZER_NAME} does not hold an optimizer state dict")
-    rng = _torch_load(path / RNG_NAME)
-    try:
-        state = json.loads((path / STATE_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path / STATE_NAME} is not valid JSON (corrupt?): {e}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("step"), int):
-        raise ValueError(f"{path / STATE_NAME} is not a {STATE_FORMAT} trainer state")
-    return {"path": path, "config": cfg, "model": tensors, "optimizer": optim, "rng": rng, "state": state}
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # -------------------------------------------------------------------------- metrics
 
 
@@ -499,7 +318,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
     out = Path(tc.out)
     main = env.is_main
-    _seed_all(tc.seed)
+    seed_all(tc.seed)
 
     def check_run_dir() -> str | None:
         out.mkdir(parents=True, exist_ok=True)
@@ -548,7 +367,7 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
             group.update(betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=opt.defaults["foreach"],
                          fused=opt.defaults["fused"],
                          weight_decay=tc.weight_decay if group.get("name") == "decay" else 0.0)
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         state.update({k: ckpt["state"][k] for k in state if k in ckpt["state"]})
         saved = {**ckpt["state"].get("train_config", {}), "world_size": ckpt["state"].get("world_size")}
         now = {**tc.to_dict(), "world_size": env.world_size}
@@ -578,7 +397,7 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
         model_sd, optim_sd = D.full_state(model, opt) if env.mode == "fsdp2" or main else (None, None)
         st = {**state, "world_size": env.world_size, "train_config": tc.to_dict()}
         last_ckpt = Path(_on_main(env, lambda: str(save_checkpoint(
-            out, step, cfg, model_sd, optim_sd, _rng_state(), st, tc.keep_last))))
+            out, step, cfg, model_sd, optim_sd, rng_state(), st, tc.keep_last))))
 
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (main and tc.progress), file=sys.stderr)
@@ -665,11 +484,11 @@ def _export_final(tc: TrainConfig, env: D.DistEnv, model: HybridLM, cfg: HybridC
         final = Path(tc.out) / "final"
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=tc.out))
         try:
-            save_model(_model_for_saving(cfg, model_sd), tmp, extra={"step": tc.steps})
+            save_model(model_for_saving(cfg, model_sd), tmp, extra={"step": tc.steps})
             if (data_dir / "tokenizer.json").is_file():
                 atomic_write(tmp / "tokenizer.json", lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
             if final.exists():
-                _remove_dir(final)
+                remove_dir(final)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
