@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -32,3 +33,22 @@ def cpu_pressure_us() -> int | None:
             return int(f.readline().split("total=")[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def report_contention(psi_start: int | None, wall: float) -> float | None:
+    """Print and return the share of `wall` seconds a runnable task waited for a CPU since `psi_start`."""
+    psi_end = cpu_pressure_us()
+    if psi_start is None or psi_end is None:
+        return None
+    contention = (psi_end - psi_start) / 1e6 / wall
+    print(f"CPU contention (Linux PSI cpu 'some', share of wall time a runnable task waited): {contention:.0%}"
+          + ("  <- other processes competed for the CPUs: timings are noisy, rerun on an idle machine"
+             if contention > 0.10 else ""))
+    return contention
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")

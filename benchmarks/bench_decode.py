@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from _common import cpu_pressure_us, environment_line, sync  # noqa: E402  (also puts src/ on sys.path)
+from _common import cpu_pressure_us, environment_line, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
 
 from hybridlm.config import preset  # noqa: E402
 from hybridlm.info import param_matched_twin  # noqa: E402
@@ -176,13 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - t_start
     print(f"(prefill: batch 1, one prompt of `context` tokens; cache MiB at `context` tokens; "
           f"total benchmark time {wall:.0f} s)")
-    psi_end = cpu_pressure_us()
-    contention = None
-    if psi_start is not None and psi_end is not None:
-        contention = (psi_end - psi_start) / 1e6 / wall
-        print(f"CPU contention (Linux PSI cpu 'some', share of wall time a runnable task waited): {contention:.0%}"
-              + ("  <- other processes competed for the CPUs: timings are noisy, rerun on an idle machine"
-                 if contention > 0.10 else ""))
+    contention = report_contention(psi_start, wall)
 
     result = {
         "benchmark": "decode", "torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
@@ -191,10 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hybrid_params": n_h, "transformer_params": n_t, "block": args.block, "cpu_contention": contention,
         "rows": rows,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

@@ -20,7 +20,6 @@ marked `~` (the default settings measure every length).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import cpu_pressure_us, environment_line, sync  # noqa: E402  (also puts src/ on sys.path)
+from _common import cpu_pressure_us, environment_line, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
 
 from hybridlm.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -194,13 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wall = time.perf_counter() - t_start
     print(f"total benchmark time {wall:.0f} s")
-    psi_end = cpu_pressure_us()
-    contention = None
-    if psi_start is not None and psi_end is not None:
-        contention = (psi_end - psi_start) / 1e6 / wall
-        print(f"CPU contention (Linux PSI cpu 'some', share of wall time a runnable task waited): {contention:.0%}"
-              + ("  <- other processes competed for the CPUs: timings are noisy, rerun on an idle machine"
-                 if contention > 0.10 else ""))
+    contention = report_contention(psi_start, wall)
 
     result = {
         "benchmark": "ssd_forward_backward", "cpu_contention": contention,
@@ -210,10 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_warmup": args.seq_warmup, "seq_repeats": args.seq_repeats,
         "rows": rows,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

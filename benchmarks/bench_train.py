@@ -20,7 +20,6 @@ slightly understates MFU at long sequence lengths.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-import _common  # noqa: E402,F401  (puts src/ on sys.path)
+from _common import write_json  # noqa: E402  (also puts src/ on sys.path)
 
 from hybridlm.config import HybridConfig, preset  # noqa: E402
 from hybridlm.info import param_matched_twin  # noqa: E402
@@ -154,9 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if mfu:
             line += f" {row['mfu']:>6.1%}"
         print(line)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2) + "\n")
+    write_json(Path(a.json) if a.json else None, {"args": vars(a), "rows": rows})
     return rows
 
 

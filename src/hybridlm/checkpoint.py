@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import HybridConfig
+from .config import HybridConfig, read_json
 from .model import HybridLM
 
 CONFIG_NAME = "config.json"
@@ -110,10 +110,7 @@ def read_config(ckpt_dir: str | Path) -> HybridConfig:
     path = d / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {d}")
-    try:
-        payload = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    payload = read_json(path)
     if not isinstance(payload, dict) or "hybridlm" not in payload:
         raise ValueError(f"{path} is not a hybridlm config (no 'hybridlm' section); "
                          "for a Hugging Face Nemotron-H directory pass --hf DIR, or `hybridlm convert DIR OUT --to hybridlm`")

@@ -155,16 +155,21 @@ class HybridConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        d = read_json(path)
         if not isinstance(d, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
         return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> "HybridConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; ValueError naming the file if it is not valid JSON (callers check existence)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _json_float(x: float) -> float | str:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import read_json
+
 if TYPE_CHECKING:
     from hybridlm.tokenizer import Tokenizer
 
@@ -397,10 +399,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise ValueError(f"{directory}: no {META_FILE}; create token shards with prepare_shards()")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+    meta = read_json(meta_path)
     if meta.get("format") != META_FORMAT:
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {META_FORMAT!r}")
     return meta

@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_state_dict, load_model,
                          load_tensors, save_model, save_tensors)
-from .config import HybridConfig
+from .config import HybridConfig, read_json
 from .model import HybridLM
 
 HF_MODEL_TYPE = "nemotron_h"
@@ -319,10 +319,7 @@ def _config_json(d: dict[str, Any]) -> str:
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no {path.name} in {path.parent} ({what})")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return read_json(path)
 
 
 def read_hf_config(path: str | Path) -> HybridConfig:

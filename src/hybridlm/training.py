@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as D
 from .checkpoint import atomic_write, atomic_write_text, read_config, save_model
-from .config import PRESETS, HybridConfig, preset
+from .config import PRESETS, HybridConfig, preset, read_json
 from .data import META_FILE, TokenDataset, default_corpus_path, prepare_shards
 from .model import HybridLM
 from .run_checkpoints import (
@@ -168,10 +168,7 @@ def resolve_model_config(spec: str) -> HybridConfig:
     if not path.is_file():
         raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor an existing config file")
-    try:
-        payload = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+    payload = read_json(path)
     if isinstance(payload, dict) and "hybridlm" in payload:  # a checkpoint's config.json
         return read_config(path.parent)
     return HybridConfig.load(path)
