@@ -71,9 +71,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
-                                help=f"{help_text} (default: {default})")
+                                help=help_text)
         elif base in (int, float, str):
-            parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=base, default=default, help=help_text)
         else:
             raise TypeError(f"cannot make a CLI flag for {cls.__name__}.{f.name}: {typ}")
 
