@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -52,3 +53,15 @@ def write_json(path: Path | None, result: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add --device/--threads/--seed/--json, parse, and refuse --device cuda without CUDA."""
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (None: keep torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda given but torch.cuda.is_available() is False")
+    return args

@@ -26,11 +26,10 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from _common import cpu_pressure_us, environment_line, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
+from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
 
 from hybridlm.config import preset  # noqa: E402
 from hybridlm.info import param_matched_twin  # noqa: E402
@@ -52,13 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=4, help="untimed decode steps before timing")
     ap.add_argument("--block", type=int, default=8, help="decode steps per model before switching to the other")
     ap.add_argument("--param-tol", type=float, default=0.02, help="allowed relative parameter mismatch")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (None: keep torch's default)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda given but torch.cuda.is_available() is False")
+    args = parse_common(ap, argv)
     if min(args.steps, args.block, *args.batch, *args.contexts) < 1 or args.warmup_steps < 0:
         ap.error("--steps, --block, --batch and --contexts must be >= 1 (--warmup-steps >= 0)")
     return args

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import cpu_pressure_us, environment_line, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
+from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
 
 from hybridlm.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -51,13 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq-budget", type=float, default=60.0,
                     help="seconds for one L's sequential runs: repeats stop once past it, and an L whose "
                          "single run is predicted to take longer is skipped (extrapolated)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (None: keep torch's default)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda given but torch.cuda.is_available() is False")
+    args = parse_common(ap, argv)
     if args.heads % args.groups:
         ap.error(f"--heads ({args.heads}) must be divisible by --groups ({args.groups})")
     if min(args.repeats, args.seq_repeats) < 1:
