@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .checkpoint import (
     read_config,
     save_model,
 )
-from .config import HybridConfig
+from .config import HybridConfig, read_json
 from .model import HybridLM
 
 CKPT_DIR = "checkpoints"
@@ -121,6 +121,25 @@ def model_for_saving(cfg: HybridConfig, model_sd: dict[str, torch.Tensor]) -> Hy
     return model
 
 
+def publish_dir(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Build directory `final` via fill(tmp) in a `.tmp-*` sibling, fsync it, then rename it into place.
+
+    A crash at any point leaves either the old `final` or the complete new one, never a part.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+        if final.exists():  # e.g. a newer-than-latest leftover of a crash right after its rename
+            remove_dir(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
 def save_checkpoint(run_dir: str | Path, step: int, cfg: HybridConfig, model_sd: dict[str, torch.Tensor],
                     optim_sd: dict[str, Any], rng: dict[str, Any], state: dict[str, Any],
                     keep_last: int = 0) -> Path:
@@ -128,8 +147,8 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg: HybridConfig, model_sd:
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_model(model_for_saving(cfg, model_sd), tmp, extra={"step": step})
         _pause()
         atomic_write(tmp / OPTIMIZER_NAME, lambda p: torch.save(optim_sd, p))
@@ -137,15 +156,8 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg: HybridConfig, model_sd:
         atomic_write(tmp / RNG_NAME, lambda p: torch.save(rng, p))
         _pause()
         atomic_write_text(tmp / STATE_NAME, json.dumps({"format": STATE_FORMAT, **state}, indent=2) + "\n")
-        _fsync_dir(tmp)
-        final = root / name
-        if final.exists():  # a newer-than-latest leftover of a crash right after its rename
-            remove_dir(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
+
+    final = publish_dir(root / name, fill)
     _pause()
     atomic_write_text(root / LATEST, name + "\n")
     if keep_last > 0:
@@ -185,10 +197,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
         raise ValueError(f"{path / OPTIMIZER_NAME} does not hold an optimizer state dict")
     rng = _torch_load(path / RNG_NAME)
-    try:
-        state = json.loads((path / STATE_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path / STATE_NAME} is not valid JSON (corrupt?): {e}") from None
+    state = read_json(path / STATE_NAME)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("step"), int):
         raise ValueError(f"{path / STATE_NAME} is not a {STATE_FORMAT} trainer state")
     return {"path": path, "config": cfg, "model": tensors, "optimizer": optim, "rng": rng, "state": state}

@@ -50,7 +50,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,16 +66,16 @@ from .model import HybridLM
 from .run_checkpoints import (
     CKPT_DIR,
     LATEST,
-    model_for_saving,
-    remove_dir,
-    rng_state,
-    seed_all,
-    set_rng_state,
     clean_stale,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    model_for_saving,
+    publish_dir,
+    rng_state,
     save_checkpoint,
+    seed_all,
+    set_rng_state,
 )
 from .optim import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, set_lr
 
@@ -207,7 +206,7 @@ def resolve_data(tc: TrainConfig, env: D.DistEnv) -> Path:
         meta_path = dest / META_FILE
         if meta_path.is_file():
             with contextlib.suppress(ValueError, OSError):
-                meta = json.loads(meta_path.read_text())
+                meta = read_json(meta_path)
                 if meta.get("sources") == [str(src)] and meta.get("val_fraction") == tc.val_fraction:
                     return str(dest)
         from .tokenizer import default_tokenizer
@@ -477,17 +476,9 @@ def _export_final(tc: TrainConfig, env: D.DistEnv, model: HybridLM, cfg: HybridC
     """OUT/final: the trained model (a `load_model` directory) plus the data's tokenizer.json."""
     model_sd = D.full_model_state(model) if env.mode == "fsdp2" or env.is_main else None
 
-    def write() -> None:
-        final = Path(tc.out) / "final"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=tc.out))
-        try:
-            save_model(model_for_saving(cfg, model_sd), tmp, extra={"step": tc.steps})
-            if (data_dir / "tokenizer.json").is_file():
-                atomic_write(tmp / "tokenizer.json", lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
-            if final.exists():
-                remove_dir(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def fill(tmp: Path) -> None:
+        save_model(model_for_saving(cfg, model_sd), tmp, extra={"step": tc.steps})
+        if (data_dir / "tokenizer.json").is_file():
+            atomic_write(tmp / "tokenizer.json", lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
 
-    _on_main(env, write)
+    _on_main(env, lambda: publish_dir(Path(tc.out) / "final", fill))
