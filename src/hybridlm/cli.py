@@ -119,6 +119,16 @@ def load_model_from(args: argparse.Namespace):
     return HybridLM(load_config_from(args)).to(device).eval()
 
 
+def add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", help="text/jsonl file or directory (repeatable; default: bundled corpus)")
+
+
+def corpus_paths(args: argparse.Namespace) -> list:
+    """The --data paths, or the bundled corpus."""
+    from .data import default_corpus_path
+    return args.data or [default_corpus_path()]
+
+
 def resolve_device(name: str | None) -> str:
     import torch
     if name in (None, "auto"):
@@ -194,14 +204,13 @@ def _convert(p: argparse.ArgumentParser):
 @command("tokenizer", "train a byte-level BPE tokenizer on local text")
 def _tokenizer(p: argparse.ArgumentParser):
     p.add_argument("action", choices=["train"])
-    p.add_argument("--data", action="append", help="text/jsonl file or directory (repeatable; default: bundled corpus)")
+    add_corpus_args(p)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
 
     def run(a):
-        from .data import default_corpus_path
         from .tokenizer import train_tokenizer
-        tok = train_tokenizer(a.data or [default_corpus_path()], a.vocab_size, Path(a.out))
+        tok = train_tokenizer(corpus_paths(a), a.vocab_size, Path(a.out))
         print(f"wrote {a.out} ({tok.vocab_size} tokens)")
     return run
 
@@ -209,16 +218,16 @@ def _tokenizer(p: argparse.ArgumentParser):
 @command("data", "tokenize local text into memory-mapped train/val shards")
 def _data(p: argparse.ArgumentParser):
     p.add_argument("action", choices=["prepare"])
-    p.add_argument("--data", action="append", help="text/jsonl file or directory (repeatable; default: bundled corpus)")
+    add_corpus_args(p)
     p.add_argument("--out", required=True, help="output directory for shards + meta.json")
     p.add_argument("--tokenizer", help="tokenizer.json (default: bundled)")
     p.add_argument("--val-fraction", type=float, default=0.01)
 
     def run(a):
-        from .data import default_corpus_path, prepare_shards
+        from .data import prepare_shards
         from .tokenizer import Tokenizer, default_tokenizer
         tok = Tokenizer.from_file(a.tokenizer) if a.tokenizer else default_tokenizer()
-        meta = prepare_shards(a.data or [default_corpus_path()], tok, a.out, val_fraction=a.val_fraction)
+        meta = prepare_shards(corpus_paths(a), tok, a.out, val_fraction=a.val_fraction)
         print(f"wrote {a.out}: {meta}")
     return run
 
