@@ -288,6 +288,18 @@ def _report(p: argparse.ArgumentParser):
     return run
 
 
+# ---- low-precision training: quant-inspect -------------------------------------
+
+
+# ---- training stability: sweep-lr ------------------------------------------------
+
+
+# ---- compression: prune, distill, plan -------------------------------------------
+
+
+# ---- serving: serve --------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridlm", description="Hybrid Mamba-2 / Transformer language models: build, train, "
