@@ -4,6 +4,12 @@ Per Mamba layer: the last `conv_kernel - 1` conv inputs and the SSM state
 (b, h, p, n): the same size whatever the sequence length. Per attention layer: a
 preallocated K/V buffer (b, kv_heads, capacity, head_dim). The cache also keeps the
 key padding mask of the batch (left padding), so attention ignores pad tokens.
+
+Rows can leave (`select`, then `trim` drops the columns no row uses any more) and join
+(`add_rows`, e.g. a request prefilled on its own): the continuous-batching engine
+(`hybridlm.engine`) keeps one such cache for all running requests. Sequences stay
+right-aligned (every row's newest token in the last column); there is no positional
+embedding, so where a row's tokens sit does not change its attention, only the mask does.
 """
 
 from __future__ import annotations
@@ -46,6 +52,27 @@ class KVCache:
         pad = (0, 0, 0, cap - self.k.shape[2])
         self.k = torch.nn.functional.pad(self.k, pad)
         self.v = torch.nn.functional.pad(self.v, pad)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def stacked_with(self, other: "KVCache", width: int) -> "KVCache":
+        """A new cache holding our rows then `other`'s, both right-aligned to `width` columns.
+
+        Columns left of a row's tokens are zero (the mask hides them; zeros, not garbage,
+        so no NaN can leak through a zero attention weight).
+        """
+        rows = self.k.shape[0] + other.k.shape[0]
+        cap = max(self.capacity, other.capacity, width)
+        k = self.k.new_zeros(rows, self.k.shape[1], cap, self.k.shape[3])
+        v = torch.zeros_like(k)
+        b = self.k.shape[0]
+        for part, lo, hi in ((self, 0, b), (other, b, rows)):
+            start = width - part.length
+            k[lo:hi, :, start:width] = part.k[:, :, :part.length]
+            v[lo:hi, :, start:width] = part.v[:, :, :part.length]
+        return KVCache(k, v, width)
 
     def nbytes(self) -> int:
         """Bytes actually holding tokens (not the spare capacity)."""
@@ -112,3 +139,42 @@ class InferenceCache:
                 layer.k, layer.v = layer.k[rows], layer.v[rows]
         self.mask = self.mask[rows]
         self.has_padding = bool((~self.mask).any())
+
+    def trim(self) -> None:
+        """Drop the leading columns that are padding in every row (left behind by rows that left)."""
+        used = self.mask.any(dim=0)
+        start = int(used.nonzero()[0]) if bool(used.any()) else self.seen
+        if start == 0:
+            return
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.k, layer.v = layer.k[:, :, start:], layer.v[:, :, start:]
+                layer.length -= start
+        self.mask = self.mask[:, start:]
+        self.has_padding = bool((~self.mask).any())
+
+    def add_rows(self, other: "InferenceCache") -> None:
+        """Append `other`'s batch rows after ours (a request joining a running batch).
+
+        The side with fewer columns is left-padded with masked columns, so every row's
+        newest token stays in the last column. Mamba states are copied as they are; the
+        KV caches are copied once into new buffers.
+        """
+        if len(other.layers) != len(self.layers):
+            raise ValueError(f"cannot join caches of {len(self.layers)} and {len(other.layers)} layers")
+        width = max(self.seen, other.seen)
+        for i, (mine, theirs) in enumerate(zip(self.layers, other.layers)):
+            if isinstance(mine, MambaState) and isinstance(theirs, MambaState):
+                mine.conv = torch.cat([mine.conv, theirs.conv.to(mine.conv.dtype)])
+                mine.ssm = torch.cat([mine.ssm, theirs.ssm.to(mine.ssm.dtype)])
+            elif isinstance(mine, KVCache) and isinstance(theirs, KVCache):
+                self.layers[i] = mine.stacked_with(theirs, width)
+            elif type(mine) is not type(theirs):
+                raise ValueError(f"layer {i}: cannot join a {type(mine).__name__} with a {type(theirs).__name__}")
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask.to(self.mask.device), width)])
+        self.has_padding = bool((~self.mask).any())
+
+
+def _pad_left(mask: Tensor, width: int) -> Tensor:
+    """(b, l) bool mask -> (b, width) with False columns added on the left."""
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0), value=False)

@@ -67,7 +67,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         base = next((a for a in args if a is not type(None)), typ) if args else typ
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        help_text = f.metadata.get("help") or comments.get(f.name, "")
+        help_text = (f.metadata.get("help") or comments.get(f.name, "")).replace("%", "%%")  # argparse formats help
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
@@ -289,15 +289,295 @@ def _report(p: argparse.ArgumentParser):
 
 
 # ---- low-precision training: quant-inspect -------------------------------------
+@command("quant-inspect", "what FP8 / NVFP4 quantization does to a weight or a synthetic tensor "
+         "(block scales, clipped / flushed fractions, error)")
+def _quant_inspect(p: argparse.ArgumentParser):
+    add_model_source(p, required=False)
+    p.add_argument("--tensor", help="parameter name, e.g. backbone.layers.0.mixer.in_proj.weight "
+                   "(default with a model: a summary line for every block linear weight)")
+    p.add_argument("--random", metavar="ROWSxCOLS", help="inspect a synthetic tensor of this shape instead")
+    p.add_argument("--dist", default="normal", choices=["normal", "student-t", "lognormal"],
+                   help="distribution of --random (student-t: heavy tails, df=3)")
+    p.add_argument("--format", default="nvfp4", choices=["fp8", "nvfp4"])
+    p.add_argument("--block", default="auto", choices=["auto", "1x16", "16x16"],
+                   help="nvfp4 block shape (auto: 16x16 for weights, as in training; 1x16 for --random)")
+    p.add_argument("--rht", action="store_true", help="apply the 16x16 random Hadamard transform first")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random, --rht signs and --preset weights")
+    p.add_argument("--plot", help="also write a histogram PNG here")
+
+    def run(a):
+        import torch
+        from .low_precision import plot_inspect, quant_inspect
+        model_given = any(getattr(a, k) for k in ("ckpt", "hf", "preset", "config"))
+        if model_given == bool(a.random):
+            raise ValueError("give exactly one of a model (--ckpt/--hf/--preset/--config) or --random ROWSxCOLS")
+        block = {"auto": "1x16" if a.random else "16x16"}.get(a.block, a.block)
+        block_t = tuple(int(v) for v in block.split("x"))
+        rht = a.seed if a.rht else None
+        if a.random:
+            try:
+                shape = tuple(int(v) for v in a.random.lower().split("x"))
+            except ValueError:
+                raise ValueError(f"--random must look like 256x1024, got {a.random!r}") from None
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"--random must be two positive sizes like 256x1024, got {a.random!r}")
+            gen = torch.Generator().manual_seed(a.seed)
+            x = torch.randn(shape, generator=gen)
+            if a.dist == "student-t":
+                chi2 = torch.randn((3, *shape), generator=gen).square().sum(0)
+                x = x / (chi2 / 3).sqrt()
+            elif a.dist == "lognormal":
+                x = x.exp() * torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+            tensors = {f"random {a.dist} {shape[0]}x{shape[1]}": x}
+        else:
+            a.device = "cpu"
+            model = load_model_from(a)
+            params = dict(model.named_parameters())
+            if a.tensor:
+                if a.tensor not in params:
+                    raise ValueError(f"no parameter {a.tensor!r}; linear weights are e.g. "
+                                     f"{', '.join(n for n in params if n.endswith('proj.weight'))[:300]}")
+                tensors = {a.tensor: params[a.tensor]}
+            else:
+                tensors = {n: w for n, w in params.items() if n.startswith("backbone.layers.") and w.dim() == 2}
+        if len(tensors) == 1:
+            (name, x), = tensors.items()
+            if block_t[0] > 1 and x.dim() != 2:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}: 16x16 blocks need a matrix (use --block 1x16)")
+            report, deq = quant_inspect(x, a.format, block_t, rht, name=name)
+            print(report.format_text())
+            if a.plot:
+                print(f"wrote {plot_inspect(x, deq, report, a.plot)}")
+            return
+        print(f"{'weight':<44} {'shape':>12} {'rel err':>8} {'SQNR dB':>8} {'clipped%':>9} {'flushed%':>9}")
+        for name, x in tensors.items():
+            r, _ = quant_inspect(x, a.format, block_t, rht, name=name)
+            print(f"{name:<44} {'x'.join(map(str, r.shape)):>12} {r.rel_error:8.4f} {r.sqnr_db:8.2f} "
+                  f"{100 * r.frac_clipped:9.3f} {100 * r.frac_flushed:9.3f}")
+        print(f"format {a.format}" + (f" {block}" if a.format == "nvfp4" else "") + (" +RHT" if a.rht else "")
+              + "; --tensor NAME for block scales and value usage of one weight")
+    return run
 
 
 # ---- training stability: sweep-lr ------------------------------------------------
+@command("sweep-lr", "train one model per stability variant x learning rate; table + plot of final loss vs LR")
+def _sweep_lr(p: argparse.ArgumentParser):
+    from .sweep import VARIANTS
+    from .training import TrainConfig
+    p.add_argument("--out", default="runs/sweep-lr", help="sweep directory (one sub-directory per run; "
+                   "finished runs are skipped when the sweep is re-run)")
+    p.add_argument("--variants", default="qk_norm,qk_post_norm,qkv_norm,qk_norm_softcap",
+                   help=f"comma-separated stability variants, from: {', '.join(VARIANTS)}")
+    p.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="comma-separated peak learning rates")
+    p.add_argument("--softcap", type=float, default=30.0, help="logit cap of the qk_norm_softcap variant")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR of each run = ratio x its peak LR")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_dataclass_args(p, TrainConfig, skip=("out", "lr", "min_lr", "resume", "stop_at", "progress"))
+    p.set_defaults(steps=300, warmup_steps=30, eval_every=0, save_every=0, diverge_factor=3.0, monitor_every=10)
+
+    def run(a):
+        import torch
+
+        from .sweep import parse_list, sweep_lr
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        rows = sweep_lr(dataclass_from_args(TrainConfig, a), a.out, parse_list(a.variants, "--variants"),
+                        parse_list(a.lrs, "--lrs", float), a.softcap, a.min_lr_ratio)
+        print((Path(a.out) / "results.md").read_text(), end="")
+        print(f"wrote {Path(a.out) / 'results.csv'}, {Path(a.out) / 'loss_vs_lr.png'} ({len(rows)} runs)")
+    return run
+
 
 
 # ---- compression: prune, distill, plan -------------------------------------------
+@command("prune", "Minitron-style width/depth pruning from calibration activations (writes a checkpoint)")
+def _prune(p: argparse.ArgumentParser):
+    add_model_source(p)
+    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+    p.add_argument("--data", help="prepared shard directory for the calibration set (not needed with --importance)")
+    p.add_argument("--target-params", help="parameter budget: 0.7x, 70%%, 3.2M, 9B ... (searches the shape)")
+    p.add_argument("--axes", default="both", choices=["width", "depth", "both", "mixed"],
+                   help="what --target-params may prune (both: either or both; mixed: both at once)")
+    p.add_argument("--tolerance", type=float, default=0.03, help="accept shapes within this fraction below the target")
+    for name in ("d-model", "ffn-dim", "mamba-heads", "n-heads", "n-kv-heads"):
+        p.add_argument(f"--{name}", type=int, help=f"explicit new {name.replace('-', '_')} (default: keep)")
+    p.add_argument("--drop-layers", help="explicit comma-separated layer indices to drop, e.g. 3,7")
+    p.add_argument("--n-drop", type=int, default=0, help="drop the N least important layers (depth KL); with "
+                   "--target-params: exactly N, and width is searched for the rest")
+    p.add_argument("--importance", help="importance.json of an earlier prune of the same model (skips calibration)")
+    p.add_argument("--calib-seqs", type=int, default=256, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+
+    def run(a):
+        import json
+        import shutil
+
+        from .checkpoint import save_model
+        from .data import TokenDataset
+        from .importance import Importance, calibration_batches, compute_importance
+        from .pruning import (PruneSpec, calibration_kl, param_count, parse_target, prune_model,
+                              pruned_config, search_spec)
+        explicit = {k: getattr(a, k) for k in ("d_model", "ffn_dim", "mamba_heads", "n_heads", "n_kv_heads")
+                    if getattr(a, k) is not None}
+        if a.target_params and (explicit or a.drop_layers):
+            raise ValueError("give either --target-params (optionally with --n-drop) or an explicit --d-model/"
+                             "--ffn-dim/--mamba-heads/--n-heads/--n-kv-heads/--drop-layers, not both")
+        if not a.target_params and not (explicit or a.drop_layers or a.n_drop):
+            raise ValueError("nothing to prune: give --target-params or an explicit new shape (see --help)")
+        model = load_model_from(a)
+        cfg = model.cfg
+        target = parse_target(a.target_params, param_count(cfg)) if a.target_params else None
+        batches = None
+        if a.data:
+            data = TokenDataset(a.data, "train")
+            if data.vocab_size and data.vocab_size > cfg.vocab_size:
+                raise ValueError(f"data was tokenized with {data.vocab_size} tokens, the model has {cfg.vocab_size}")
+            batches = [(x.to(model.lm_head.weight.device), y) for x, y in
+                       calibration_batches(data, a.calib_seqs, a.seq_len, a.batch_size)]
+        if a.importance:
+            imp = Importance.load(a.importance)
+        elif batches is None:
+            raise ValueError("--data (a prepared shard directory) is required to compute importance scores")
+        else:
+            imp = compute_importance(model, batches, depth=True, progress=True)
+        table = None
+        if target is not None:
+            spec, table = search_spec(cfg, imp, target, a.axes, a.tolerance, model, batches,
+                                      n_drop=a.n_drop if a.n_drop else None)
+        else:
+            drop = [int(i) for i in a.drop_layers.split(",") if i.strip()] if a.drop_layers else []
+            if a.n_drop:
+                drop += [i for i in imp.depth().argsort().tolist() if i not in drop][:a.n_drop]
+            spec = PruneSpec(**{**PruneSpec.identity(cfg).to_dict(), **explicit, "drop_layers": tuple(sorted(drop))})
+            pruned_config(cfg, spec)  # validate before any work
+        pruned = prune_model(model, imp, spec).eval()
+        src = a.ckpt or a.hf or a.preset or a.config
+        out = save_model(pruned, a.out, extra={"pruned_from": str(src), "prune_spec": spec.to_dict()})
+        imp.save(out / "importance.json")
+        if table is not None:
+            (out / "prune_search.json").write_text(json.dumps(table[:50], indent=2) + "\n")
+        for d in (a.ckpt, a.hf):
+            if d and (Path(d) / "tokenizer.json").is_file():
+                shutil.copyfile(Path(d) / "tokenizer.json", out / "tokenizer.json")
+        n0, n1 = model.num_params(), pruned.num_params()
+        print(f"pruned {n0:,} -> {n1:,} parameters ({n1 / n0:.1%}): pattern {pruned.cfg.pattern}, d_model "
+              f"{pruned.cfg.d_model}, ffn {pruned.cfg.ffn_dim}, mamba heads {pruned.cfg.mamba_heads}, heads "
+              f"{pruned.cfg.n_heads}/{pruned.cfg.n_kv_heads}")
+        if batches:
+            print(f"calibration KL(original || pruned) {calibration_kl(model, pruned, batches):.4f} nats/token")
+        print(f"wrote {out} (distill it: hybridlm distill --teacher {src} --student {out} --out RUN)")
+    return run
+
+
+@command("distill", "knowledge distillation (forward KL on logits) of a student from a teacher, with the training loop")
+def _distill(p: argparse.ArgumentParser):
+    from .distill import DistillConfig
+    from .training import TrainConfig
+    p.add_argument("--student", required=True, help="student checkpoint directory (e.g. the output of prune)")
+    add_dataclass_args(p, DistillConfig)
+    add_dataclass_args(p, TrainConfig, skip=("model", "init_from"))
+
+    def run(a):
+        from .distill import DistillConfig, distill
+        from .training import TrainConfig, TrainingDiverged
+        from .checkpoint import read_config
+        read_config(a.student)  # clear error for a missing or foreign student directory
+        tc = dataclass_from_args(TrainConfig, a, model=a.student, init_from=a.student)
+        try:
+            s = distill(tc, dataclass_from_args(DistillConfig, a))
+        except TrainingDiverged as e:
+            raise ValueError(str(e)) from None
+        print(f"done: step {s['step']}, train loss (KD objective) {s['train_loss']}, val LM loss {s['val_loss']}, "
+              f"{s['tokens']:,} tokens -> {s['run_dir']}")
+    return run
+
+
+@command("plan", "inference memory plan: weights, KV cache, Mamba state, activations, longest context; "
+                 "and a search over pruned shapes that fit")
+def _plan(p: argparse.ArgumentParser):
+    add_model_source(p)
+    p.add_argument("--gpu-mem", default="22GiB", help="GPU memory budget (22GiB, 80GB, ...)")
+    p.add_argument("--reserve", default=None, help="memory kept back for the framework / CUDA context, e.g. 1GiB")
+    p.add_argument("--context", type=int, default=131072, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences served together")
+    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp8, nvfp4")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill chunk (activation estimate)")
+    p.add_argument("--search", action="store_true", help="search pruned shapes (layers, d_model, ffn, mamba heads) "
+                   "that fit, best retained importance first")
+    p.add_argument("--importance", help="importance.json (from prune) to rank the candidates; without it every unit counts the same")
+    p.add_argument("--axes", default="both", choices=["width", "depth", "both", "mixed"],
+                   help="what the search may prune (both: either or both; mixed: both at once)")
+    p.add_argument("--top", type=int, default=5, help="candidates to list")
+
+    def run(a):
+        from .importance import Importance
+        from .info import human_bytes
+        from .planner import describe_spec, format_plan, parse_bytes, search_architecture
+        cfg = load_config_from(a)
+        budget = parse_bytes(a.gpu_mem) - (parse_bytes(a.reserve) if a.reserve else 0)
+        if budget <= 0:
+            raise ValueError(f"--reserve {a.reserve} leaves nothing of --gpu-mem {a.gpu_mem}")
+        name = a.preset or a.ckpt or a.hf or a.config
+        print(format_plan(cfg, name, budget, a.context, a.batch, a.dtype, a.prefill_chunk))
+        if not a.search:
+            return
+        imp = Importance.load(a.importance) if a.importance else None
+        if imp is not None and imp.pattern != cfg.pattern:
+            raise ValueError(f"{a.importance} was computed for pattern {imp.pattern!r}, not {cfg.pattern!r}")
+        rows = search_architecture(cfg, budget, a.context, a.batch, a.dtype, imp, a.axes, a.prefill_chunk,
+                                   a.top, progress=True)
+        if not rows:
+            raise ValueError(f"no pruned shape on axes {a.axes!r} serves {a.batch} x {a.context:,} tokens "
+                             f"in {human_bytes(budget)}")
+        print(f"\nbest pruned shapes that fit ({'importance' if imp else 'kept fraction'} score, higher is better):")
+        for r in rows:
+            print(f"  score {r['score']:.3f}  {r['plan'].params / 1e9:.3f} B  total {human_bytes(r['plan'].total)}  "
+                  f"{describe_spec(cfg, r['spec'])}")
+    return run
 
 
 # ---- serving: serve --------------------------------------------------------------
+@command("serve", "OpenAI-compatible HTTP server with continuous batching (/v1/completions, /v1/chat/completions)")
+def _serve(p: argparse.ArgumentParser):
+    add_model_source(p)
+    p.add_argument("--tokenizer", help="tokenizer.json; if absent, the one beside the checkpoint, else the bundled one")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the `model` clients must send; if absent, the checkpoint directory's name")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + max_tokens limit per request; if absent, the config's max_seq_len")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger request bodies get HTTP 413")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward call")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; if absent, torch's choice")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    def run(a):
+        for flag in ("port", "max_batch", "max_request_bytes", "default_max_tokens", "prefill_chunk"):
+            if getattr(a, flag) < (0 if flag == "port" else 1):
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
+        if a.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
+        import torch
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model, tok = load_model_from(a), load_tokenizer_for(a)
+        from .engine import Engine
+        from .server import ServerSettings, create_app, serve
+        name = a.model_name or Path(a.ckpt or a.hf or a.preset or a.config).name.removesuffix(".json")
+        engine = Engine(model, tok, max_batch=a.max_batch, max_queue=a.max_queue, max_model_len=a.max_model_len,
+                        prefill_chunk=a.prefill_chunk)
+        app = create_app(engine, tok, ServerSettings(model_name=name, max_request_bytes=a.max_request_bytes,
+                                                     default_max_tokens=a.default_max_tokens))
+        print(f"serving {name!r} ({model.num_params():,} params, context {engine.max_model_len}) on "
+              f"http://{a.host}:{a.port}/v1", flush=True)
+        serve(app, a.host, a.port, a.log_level)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
+NORM_KINDS = ("none", "rmsnorm", "layernorm")  # choices of the stability norm fields
+STABILITY_NORM_FIELDS = ("qk_norm", "qkv_norm", "post_proj_norm", "post_fc2_norm", "mamba_out_norm")
+STABILITY_OFF = {**{name: "none" for name in STABILITY_NORM_FIELDS}, "attn_logit_softcap": 0.0}
 
 
 @dataclass
@@ -57,6 +60,13 @@ class HybridConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = 0
     pad_token_id: int | None = 0
+    # training stability (Rybakov et al. 2024); "none" | "rmsnorm" | "layernorm", all off by default
+    qk_norm: str = "none"         # norm on Q and K per head (over head_dim), before the dot product
+    qkv_norm: str = "none"        # norm over the concatenated Q/K/V projection output; removes the attention pre-norm
+    post_proj_norm: str = "none"  # norm after the attention output projection (o_proj)
+    post_fc2_norm: str = "none"   # norm after the MLP down projection (down_proj)
+    mamba_out_norm: str = "none"  # norm after the Mamba-2 out_proj
+    attn_logit_softcap: float = 0.0  # cap * tanh(logits / cap) before the softmax (0 = off)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys kept for round trips
 
     def __post_init__(self) -> None:
@@ -84,6 +94,10 @@ class HybridConfig:
     def in_proj_dim(self) -> int:
         """in_proj output: z, xBC and dt."""
         return self.d_inner + self.conv_dim + self.mamba_heads
+
+    def stability_options(self) -> dict[str, Any]:
+        """The training-stability fields that differ from their (off) defaults."""
+        return {name: getattr(self, name) for name, off in STABILITY_OFF.items() if getattr(self, name) != off}
 
     def layer_kinds(self) -> list[str]:
         return [LAYER_KINDS[c] for c in self.pattern]
@@ -125,6 +139,12 @@ class HybridConfig:
             raise ValueError(f"time_step_limit must satisfy 0 <= low < high, got {self.time_step_limit}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name in STABILITY_NORM_FIELDS:
+            if getattr(self, name) not in NORM_KINDS:
+                raise ValueError(f"{name} must be one of {NORM_KINDS}, got {getattr(self, name)!r}")
+        cap = self.attn_logit_softcap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
+            raise ValueError(f"attn_logit_softcap must be a finite number >= 0 (0 = off), got {cap!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:

@@ -21,7 +21,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -135,19 +135,27 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
-class LossModule(nn.Module):
-    """``forward(x, y) = model.loss(x, y)``, so DDP's hooks wrap the whole loss computation."""
+Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, x, y) -> scalar loss
 
-    def __init__(self, model: nn.Module) -> None:
+
+class LossModule(nn.Module):
+    """``forward(x, y) = objective(model, x, y)`` (default ``model.loss(x, y)``), so DDP's hooks
+    wrap the whole loss computation. The objective's own modules (a distillation teacher)
+    are not submodules: DDP neither syncs nor shards them."""
+
+    def __init__(self, model: nn.Module, objective: Objective | None = None) -> None:
         super().__init__()
         self.model = model
+        self.objective = objective
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.objective is not None:
+            return self.objective(self.model, x, y)
         return self.model.loss(x, y)
 
 
-def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
-    """The module to call as ``module(x, y) -> loss`` for training steps.
+def wrap(model: nn.Module, env: DistEnv, objective: Objective | None = None) -> nn.Module:
+    """The module to call as ``module(x, y) -> loss`` for training steps (`objective`: see LossModule).
 
     ``model`` must already be on ``env.device``. Under FSDP2 it is sharded in place
     (every ``backbone.layers[i]``, then the root), so create the optimizer afterwards.
@@ -155,7 +163,7 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     if env.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DDP(LossModule(model), device_ids=ids)
+        return DDP(LossModule(model, objective), device_ids=ids)
     if env.mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -163,7 +171,7 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
         for block in model.backbone.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    return LossModule(model)
+    return LossModule(model, objective)
 
 
 @contextlib.contextmanager

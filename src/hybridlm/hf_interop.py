@@ -244,12 +244,15 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 def hybrid_to_hf_config(cfg: HybridConfig, dtype: torch.dtype | str = torch.float32) -> dict[str, Any]:
     """The ``config.json`` dict transformers' `NemotronHConfig` loads into the same model.
 
-    Raises ValueError for what transformers' Nemotron-H cannot express: attention biases and
-    an upper dt clamp.
+    Raises ValueError for what transformers' Nemotron-H cannot express: attention biases,
+    an upper dt clamp and the training-stability options (extra norms, logit capping).
     """
     if cfg.attention_bias:
         raise ValueError("attention_bias=True cannot be exported: transformers' NemotronHAttention "
                          "has no q/k/v/o biases")
+    if cfg.stability_options():
+        raise ValueError(f"training-stability options {cfg.stability_options()} cannot be exported: "
+                         "transformers' Nemotron-H has no QK/QKV/post-projection norms or logit capping")
     lo, hi = cfg.time_step_limit
     if not math.isinf(hi):
         raise ValueError(f"time_step_limit={cfg.time_step_limit} cannot be exported: transformers' "

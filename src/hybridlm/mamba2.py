@@ -2,7 +2,9 @@
 
 in_proj -> [z, xBC, dt]; causal depthwise conv1d + SiLU on xBC = [x, B, C];
 dt = softplus(dt + dt_bias) clamped to `time_step_limit`; SSD scan with A = -exp(A_log)
-(one scalar per head), grouped B/C and a D skip; gated RMSNorm with z; out_proj.
+(one scalar per head), grouped B/C and a D skip; gated RMSNorm with z; out_proj; and,
+when `mamba_out_norm` is on (a training-stability option, off by default), a norm
+after out_proj (`out_norm`).
 
 The same code serves training (no state), prefill (state filled at the end) and
 decoding (one token: the recurrent `ssd_step`). Parameter names follow Hugging Face
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from .cache import MambaState
 from .config import HybridConfig
-from .norms import GatedRMSNorm
+from .norms import GatedRMSNorm, make_norm, maybe_norm
 from .ssd import ssd_chunked, ssd_step
 
 
@@ -36,6 +38,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(cfg.mamba_heads))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // cfg.n_groups, cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.mamba_proj_bias)
+        self.out_norm = make_norm(cfg.mamba_out_norm, cfg.d_model, cfg.norm_eps)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -90,4 +93,4 @@ class Mamba2Mixer(nn.Module):
             if state is not None:
                 state.ssm = final
         y = self.norm(y.reshape(b, l, self.d_inner), z)
-        return self.out_proj(y)
+        return maybe_norm(self.out_norm, self.out_proj(y))

@@ -2,6 +2,9 @@
 
     embeddings -> [x = x + mixer(rmsnorm(x))] * n_layers -> norm_f -> lm_head
 
+(With `qkv_norm` on, attention blocks have no pre-norm: ``x = x + mixer(x)``, the
+mixer normalising its Q/K/V projection output instead.)
+
 Mixers: `Mamba2Mixer` (M), `Attention` (*), `MLP` (-). Parameter names match Hugging
 Face `NemotronHForCausalLM` (`backbone.layers.{i}.mixer.in_proj.weight`, ...), so
 interchange is a renaming of the top-level prefix at most.
@@ -20,7 +23,7 @@ from .cache import InferenceCache
 from .config import HybridConfig
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .norms import RMSNorm
+from .norms import RMSNorm, maybe_norm
 
 MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
 # Projections that write into the residual stream: scaled down at init (GPT-2 / Megatron).
@@ -31,11 +34,12 @@ class Block(nn.Module):
     def __init__(self, cfg: HybridConfig, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        pre_norm = not (kind == "attention" and cfg.qkv_norm != "none")  # qkv_norm replaces it
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if pre_norm else None
         self.mixer = MIXERS[kind](cfg)
 
     def forward(self, x: Tensor, state=None, valid: Tensor | None = None, key_valid: Tensor | None = None) -> Tensor:
-        h = self.norm(x)
+        h = maybe_norm(self.norm, x)
         if self.kind == "mamba":
             h = self.mixer(h, state, valid)
         elif self.kind == "attention":

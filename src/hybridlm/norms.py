@@ -1,7 +1,8 @@
-"""RMSNorm and the grouped, gated RMSNorm used inside the Mamba-2 mixer.
+"""RMSNorm, LayerNorm and the grouped, gated RMSNorm used inside the Mamba-2 mixer.
 
-Both normalise in float32 and multiply by the weight in float32 before casting back,
-as the Nemotron-H reference does.
+All normalise in float32 and multiply by the weight in float32 before casting back,
+as the Nemotron-H reference does. `make_norm` builds the optional training-stability
+norms (QK, QKV, post-Proj, post-FC2, post-out_proj) from their config kind.
 """
 
 from __future__ import annotations
@@ -28,6 +29,39 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """y = weight * (x - mean) / sqrt(var + eps) + bias over the last dim, in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module | None:
+    """The norm a stability option names: "rmsnorm", "layernorm", or None for "none"."""
+    if kind == "none":
+        return None
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return LayerNorm(dim, eps)
+    raise ValueError(f"unknown norm kind {kind!r}; choose none, rmsnorm or layernorm")
+
+
+def maybe_norm(norm: nn.Module | None, x: Tensor) -> Tensor:
+    """`norm(x)`, or x unchanged when the option is off (norm is None)."""
+    return x if norm is None else norm(x)
 
 
 class GatedRMSNorm(nn.Module):

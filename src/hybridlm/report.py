@@ -2,7 +2,8 @@
 
 Reads the run's `metrics.jsonl` (train / val / skip records written by the trainer),
 plots train and validation loss against tokens, the learning rate and throughput,
-and shows sample generations from the latest checkpoint.
+the monitored linear-output norms and attention logits when the run logged them
+(`plot_monitor`), and shows sample generations from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -79,6 +80,38 @@ def plot_curves(records: list[dict], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def plot_monitor(records: list[dict], path: Path, title: str = "Linear-layer output RMS") -> Path | None:
+    """Monitored output RMS per layer type (left) and the max attention logit (right) vs step.
+
+    Reads the ``monitor`` records (`TrainConfig.monitor_every`); a ``diverged`` record is
+    drawn as a red line. Returns None when the run has no monitor records.
+    """
+    from .monitor import GROUPS
+    mon = [r for r in records if r.get("kind") == "monitor"]
+    if not mon:
+        return None
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for group in GROUPS:
+        xs, ys = _series(mon, "monitor", "step", f"rms/{group}")
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), ".-", ms=3, label=group)
+    xs, ys = _series(mon, "monitor", "step", "attn_logit_max")
+    pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    if pts:
+        bx.plot(*zip(*pts), ".-", ms=3, color="k")
+    ax.set(xlabel="step", ylabel="largest layer RMS of the type", title=title, yscale="log")
+    bx.set(xlabel="step", ylabel="max raw attention logit", title="Attention logits")
+    for r in records:
+        if r.get("kind") == "diverged":
+            for a in (ax, bx):
+                a.axvline(r["step"], color="r", ls="--", lw=1)
+    ax.legend(fontsize=7, ncol=2)
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -92,6 +125,9 @@ def summary(records: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": train[-1]["step"] if train else 0,
                            "tokens": train[-1].get("tokens", 0) if train else 0,
                            "skipped_steps": sum(r.get("kind") == "skip" for r in records)}
+    diverged = [r for r in records if r.get("kind") == "diverged"]
+    if diverged:
+        out["diverged"] = f"step {diverged[-1]['step']}: {diverged[-1].get('reason')}"
     if train:
         out["final_train_loss"] = train[-1]["loss"]
         rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
@@ -114,6 +150,8 @@ def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = No
     run = Path(run_dir)
     records = read_run_metrics(run)
     pngs = plot_curves(records, run / "plots")
+    monitor_png = plot_monitor(records, run / "plots" / "monitor.png")
+    monitor_html = f"<h2>Output norms (monitoring)</h2>{_img(monitor_png)}" if monitor_png else ""
     facts = {**summary(records), **(extra or {})}
     (run / "report.json").write_text(json.dumps({"summary": facts, "samples": samples or []}, indent=2))
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in facts.items())
@@ -128,6 +166,7 @@ table{{border-collapse:collapse}}th,td{{padding:2px 12px;text-align:left;border-
 <h2>Loss</h2>{_img(pngs['loss'])}
 <h2>Learning rate</h2>{_img(pngs['lr'])}
 <h2>Throughput</h2>{_img(pngs['tokens_per_s'])}
+{monitor_html}
 <h2>Samples</h2>{sample_html or '<p>(no checkpoint to sample from)</p>'}
 </body></html>"""
     out = run / "report.html"

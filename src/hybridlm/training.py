@@ -28,6 +28,10 @@ metrics.jsonl (rank 0; one JSON object per line; steps count completed optimizer
         checkpointing, cumulative over resumes)
     {"kind": "val", "step", "val_loss", "tokens"}   at step 0, every `eval_every` steps, at the end
     {"kind": "skip", "step", "reason"}              a non-finite loss / gradient norm: no update
+    {"kind": "monitor", "step", "rms/QKV", ..., "layer_rms/<module>", "attn_logit_max", ...}
+        every `monitor_every` steps: linear-output RMS per layer type and per layer, and the
+        largest attention logit, of that step's forward passes (`hybridlm.monitor`; rank 0's batch)
+    {"kind": "diverged", "step", "reason", "loss", "min_loss"}   the run stopped as diverged
 
 On resume, lines after the checkpoint's step are dropped, so the file reads like one run.
 
@@ -63,6 +67,7 @@ from .checkpoint import atomic_write, atomic_write_text, read_config, save_model
 from .config import PRESETS, HybridConfig, preset, read_json
 from .data import META_FILE, TokenDataset, default_corpus_path, prepare_shards
 from .model import HybridLM
+from .monitor import OutputMonitor
 from .run_checkpoints import (
     CKPT_DIR,
     LATEST,
@@ -78,11 +83,13 @@ from .run_checkpoints import (
     set_rng_state,
 )
 from .optim import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, set_lr
+from .low_precision import Recipe, apply_recipe, check_layer_spec
 
 
 
 class TrainingDiverged(RuntimeError):
-    """`max_bad_steps` consecutive steps had a non-finite loss or gradient norm."""
+    """`max_bad_steps` consecutive steps had a non-finite loss or gradient norm, or (with
+    `diverge_factor` > 0) the loss became non-finite or exceeded that factor times its running minimum."""
 
     def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
         super().__init__(message)
@@ -118,9 +125,14 @@ class TrainConfig:
     seed: int = 0  # seed for the weights and the data order
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    precision: str = "bf16"  # GEMMs of the block linears: bf16 (unquantized) | fp8 | nvfp4 (simulated off-GPU; ablations nvfp4-no-rht / -no-sr / -no-2d)
+    high_precision_layers: str = "auto"  # blocks whose GEMMs stay unquantized: auto (fp8: first+last block; nvfp4: ~first 3%, last 13%) | none | first:N,last:M | 0,5,7
+    init_from: Optional[str] = None  # start from this checkpoint dir's weights (its config must equal the model's; ignored on resume)
     resume: bool = False  # continue from OUT/checkpoints/latest (starts fresh if there is none)
     stop_at: Optional[int] = None  # end this invocation after this step (checkpointed) without changing the schedule
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
+    monitor_every: int = 0  # log linear-output RMS per layer type + max attention logit every N steps (0 = off)
+    diverge_factor: float = 0.0  # stop as diverged when the loss is non-finite or > this x its running minimum (0 = off)
     distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp2
     log_every: int = 10  # write a train metrics line every N steps
     progress: bool = True  # show a progress bar (rank 0)
@@ -137,6 +149,10 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        need(isinstance(self.monitor_every, int) and not isinstance(self.monitor_every, bool)
+             and self.monitor_every >= 0, f"monitor_every must be an integer >= 0, got {self.monitor_every!r}")
+        need(self.diverge_factor == 0 or 1 < self.diverge_factor < math.inf,
+             f"diverge_factor must be 0 (off) or a finite number > 1, got {self.diverge_factor}")
         need(bool(self.model), "model must be a preset name or a config path")
         need(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}")
         need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -146,6 +162,8 @@ class TrainConfig:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        Recipe.parse(self.precision)  # ValueError naming the bad value
+        check_layer_spec(self.high_precision_layers)
         need(self.distributed in D.MODES, f"distributed must be one of {D.MODES}, got {self.distributed!r}")
         need(self.stop_at is None or self.stop_at >= 1, f"stop_at must be >= 1, got {self.stop_at}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -281,6 +299,17 @@ def evaluate(model: HybridLM, val: TokenDataset, batch_size: int, seq_len: int, 
     return float(D.all_reduce_mean(total / max(n, 1), env))
 
 
+def _load_init_weights(model: HybridLM, cfg: HybridConfig, ckpt_dir: str) -> None:
+    """Copy the weights of checkpoint `ckpt_dir` (same config required) into `model`."""
+    from .checkpoint import load_model
+    if read_config(ckpt_dir) != cfg:
+        theirs = read_config(ckpt_dir).to_dict()
+        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v)
+        raise ValueError(f"init_from {ckpt_dir}: its config differs from the model's (fields {diff}); "
+                         f"pass --model {ckpt_dir} to train that architecture")
+    model.load_state_dict(load_model(ckpt_dir).state_dict())
+
+
 def _autocast_for(tc: TrainConfig, device: torch.device):
     use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -288,8 +317,11 @@ def _autocast_for(tc: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def train(tc: TrainConfig) -> dict[str, Any]:
+def train(tc: TrainConfig, objective: D.Objective | None = None) -> dict[str, Any]:
     """Train per `tc` and return a summary.
+
+    `objective(model, x, y) -> loss` replaces the LM loss of the training steps (e.g.
+    distillation, :mod:`hybridlm.distill`); validation still reports the LM loss.
 
     Summary keys: ``run_dir``, ``step``, ``train_loss`` (last step), ``val_loss`` (last
     evaluation), ``tokens`` (trained on, global), ``tokens_per_s``, ``skipped_steps``,
@@ -305,13 +337,13 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        return _train(tc, env)
+        return _train(tc, env, objective)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         D.teardown(env)
 
 
-def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
+def _train(tc: TrainConfig, env: D.DistEnv, objective: D.Objective | None = None) -> dict[str, Any]:
     out = Path(tc.out)
     main = env.is_main
     seed_all(tc.seed)
@@ -351,12 +383,16 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
 
     model = HybridLM(cfg)
     model.init_weights(tc.seed)
+    if tc.init_from and ckpt is None:  # on resume the checkpoint has the weights
+        _load_init_weights(model, cfg, tc.init_from)
     model.to(env.device)
+    if tc.precision != "bf16":  # FP8 / NVFP4 GEMMs; parameters and checkpoints stay plain
+        _say(env, apply_recipe(model, tc.precision, tc.high_precision_layers).summary())
     num_params = model.num_params()
-    module = D.wrap(model, env)
+    module = D.wrap(model, env, objective)
     opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "bad_steps": 0, "skipped_steps": 0,
-             "train_loss": None, "val_loss": None}
+             "train_loss": None, "val_loss": None, "min_loss": None}
     if ckpt is not None:
         D.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"], strict=not cfg.tie_embeddings)
         for group in opt.param_groups:  # hyper-parameters come from tc, moments from the checkpoint
@@ -408,6 +444,7 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                        schedule=tc.schedule, decay_frac=tc.decay_frac)
             set_lr(opt, lr)
             loss_sum = torch.zeros((), device=env.device)
+            monitor = OutputMonitor(model).__enter__() if main and _due(step + 1, tc.monitor_every) else None
             for micro in range(tc.grad_accum):
                 x, y = train_ds.get_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed,
                                           env.rank, env.world_size)
@@ -421,6 +458,19 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
             gnorm = clip_grad_norm(model.parameters(), tc.grad_clip)
             loss_v, gnorm_v = torch.stack([loss_mean, gnorm.float().to(loss_mean.device)]).tolist()
             done = step + 1
+            if monitor is not None:
+                monitor.__exit__(None, None, None)
+                metrics.write({"kind": "monitor", "step": done, "loss": loss_v, **monitor.summary()})
+            diverged = _divergence(loss_v, state["min_loss"], tc.diverge_factor)
+            if diverged is not None:
+                metrics.write({"kind": "diverged", "step": done, "reason": diverged, "loss": loss_v,
+                               "min_loss": state["min_loss"]})
+                raise TrainingDiverged(
+                    f"training diverged at step {done}: {diverged}. Stopped without updating; checkpoints are "
+                    f"untouched (latest: {last_ckpt or 'none'}); lower the learning rate or add a stability "
+                    "option (qk_norm, qkv_norm, attn_logit_softcap).", done, last_ckpt)
+            if math.isfinite(loss_v):
+                state["min_loss"] = loss_v if state["min_loss"] is None else min(state["min_loss"], loss_v)
             if math.isfinite(loss_v) and math.isfinite(gnorm_v):
                 opt.step()
                 state["bad_steps"] = 0
@@ -433,6 +483,8 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                 metrics.write({"kind": "skip", "step": done, "reason": reason})
                 _say(env, f"step {done}: {reason}; skipped the update")
                 if state["bad_steps"] >= tc.max_bad_steps:
+                    metrics.write({"kind": "diverged", "step": done, "reason": reason, "loss": loss_v,
+                                   "min_loss": state["min_loss"]})
                     raise TrainingDiverged(
                         f"training diverged: {state['bad_steps']} consecutive steps (up to step {done}) had a "
                         f"non-finite loss or gradient norm, last: {reason}. Checkpoints are untouched (latest: "
@@ -470,6 +522,25 @@ def _train(tc: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
             "tokens_per_s": trained * tokens_per_step / took if trained and took > 0 else None,
             "skipped_steps": state["skipped_steps"], "num_params": num_params,
             "checkpoint": str(last_ckpt) if last_ckpt else None, "elapsed_s": state["elapsed_s"]}
+
+
+def _due(step: int, every: int) -> bool:
+    """Whether completed step `step` is one of every `every` (0 = never)."""
+    return every > 0 and step % every == 0
+
+
+def _divergence(loss: float, min_loss: float | None, factor: float) -> str | None:
+    """Why `loss` marks the run as diverged (non-finite, or > factor x running minimum), else None.
+
+    factor 0 disables the check (non-finite steps are then handled by `max_bad_steps`).
+    """
+    if not factor:
+        return None
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if min_loss is not None and min_loss > 0 and loss > factor * min_loss:
+        return f"loss {loss:.4g} > {factor:g} x its running minimum {min_loss:.4g}"
+    return None
 
 
 def _export_final(tc: TrainConfig, env: D.DistEnv, model: HybridLM, cfg: HybridConfig, data_dir: Path) -> None:
