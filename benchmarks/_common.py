@@ -65,3 +65,20 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None) -> argpars
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda given but torch.cuda.is_available() is False")
     return args
+
+
+def hybrid_and_twin(args: argparse.Namespace):
+    """The `--preset` hybrid (optionally with `--pattern`) and its parameter-matched attention twin.
+
+    Prints one line per model; returns (hybrid_cfg, twin_cfg, hybrid_params, twin_params).
+    """
+    from hybridlm.config import preset
+    from hybridlm.info import param_matched_twin
+    from hybridlm.model import count_params
+    cfg = preset(args.preset, **({"pattern": args.pattern} if args.pattern else {}))
+    twin = param_matched_twin(cfg, args.param_tol)
+    n_h, n_t = count_params(cfg), count_params(twin)
+    print(f"hybrid      {args.preset}: pattern {cfg.pattern}  ffn_dim {cfg.ffn_dim:5d}  {n_h:,} params")
+    print(f"transformer twin: pattern {twin.pattern}  ffn_dim {twin.ffn_dim:5d}  {n_t:,} params "
+          f"({(n_t - n_h) / n_h:+.2%})")
+    return cfg, twin, n_h, n_t

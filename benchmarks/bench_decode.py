@@ -29,11 +29,10 @@ import time
 
 import torch
 
-from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
+from _common import (cpu_pressure_us, environment_line, hybrid_and_twin, parse_common,  # noqa: E402
+                     report_contention, sync, write_json)  # (also puts src/ on sys.path)
 
-from hybridlm.config import preset  # noqa: E402
-from hybridlm.info import param_matched_twin  # noqa: E402
-from hybridlm.model import HybridLM, count_params  # noqa: E402
+from hybridlm.model import HybridLM  # noqa: E402
 
 MiB = 2**20
 
@@ -92,13 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start, psi_start = time.perf_counter(), cpu_pressure_us()
-    cfg = preset(args.preset, **({"pattern": args.pattern} if args.pattern else {}))
-    twin = param_matched_twin(cfg, args.param_tol)
-    n_h, n_t = count_params(cfg), count_params(twin)
     print(environment_line(args.device))
-    print(f"hybrid      {args.preset}: pattern {cfg.pattern}  ffn_dim {cfg.ffn_dim:5d}  {n_h:,} params")
-    print(f"transformer twin: pattern {twin.pattern}  ffn_dim {twin.ffn_dim:5d}  {n_t:,} params "
-          f"({(n_t - n_h) / n_h:+.2%})")
+    cfg, twin, n_h, n_t = hybrid_and_twin(args)
     print(f"float32, inference_mode; batch-1 prefill of a random prompt, cache rows replicated to the batch; "
           f"{args.warmup_steps} warm-up + {args.steps} timed greedy decode steps per model, the two models "
           f"alternating in blocks of {args.block}; tok/s = batch / median step time")

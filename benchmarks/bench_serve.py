@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
+from _common import (cpu_pressure_us, environment_line, hybrid_and_twin, parse_common,  # noqa: E402
+                     report_contention, sync, write_json)  # (also puts src/ on sys.path)
 
-from hybridlm.config import preset  # noqa: E402
 from hybridlm.engine import Engine, Request, RequestOutput  # noqa: E402
 from hybridlm.generation import SamplingParams  # noqa: E402
-from hybridlm.info import kv_bytes_per_token, mamba_state_bytes, param_matched_twin  # noqa: E402
-from hybridlm.model import HybridLM, count_params  # noqa: E402
+from hybridlm.info import kv_bytes_per_token, mamba_state_bytes  # noqa: E402
+from hybridlm.model import HybridLM  # noqa: E402
 
 MiB = 2**20
 
@@ -189,14 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start, psi_start = time.perf_counter(), cpu_pressure_us()
-    cfg = preset(args.preset, **({"pattern": args.pattern} if args.pattern else {}))
-    twin = param_matched_twin(cfg, args.param_tol)
-    configs = {"hybrid": cfg, "transformer": twin}
-    n_h, n_t = count_params(cfg), count_params(twin)
     print(environment_line(args.device))
-    print(f"hybrid      {args.preset}: pattern {cfg.pattern}  ffn_dim {cfg.ffn_dim:5d}  {n_h:,} params")
-    print(f"transformer twin: pattern {twin.pattern}  ffn_dim {twin.ffn_dim:5d}  {n_t:,} params "
-          f"({(n_t - n_h) / n_h:+.2%})")
+    cfg, twin, n_h, n_t = hybrid_and_twin(args)
+    configs = {"hybrid": cfg, "transformer": twin}
     print(f"closed loop: {args.concurrency} clients, {args.requests} requests per model and setting, random "
           f"prompts, greedy, no EOS; float32, inference_mode", flush=True)
 

@@ -21,3 +21,14 @@ def small_model(seed: int = 0, **overrides) -> HybridLM:
             if name.endswith(("norm.weight", "D")):
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def left_padded_pair(len_a: int, len_b: int, seed: int, vocab: int = 97):
+    """Two random prompts a (1, len_a), b (1, len_b < len_a) and their left-padded batch + mask."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, vocab, (1, len_a), generator=gen), torch.randint(0, vocab, (1, len_b), generator=gen)
+    ids = torch.zeros(2, len_a, dtype=torch.long)
+    ids[0], ids[1, len_a - len_b:] = a[0], b[0]
+    mask = torch.ones(2, len_a, dtype=torch.bool)
+    mask[1, :len_a - len_b] = False
+    return a, b, ids, mask

@@ -6,7 +6,7 @@ import torch
 from hybridlm.config import PUBLISHED_PARAMS, HybridConfig, preset
 from hybridlm.model import HybridLM, count_params
 
-from helpers import small_model
+from helpers import left_padded_pair, small_model
 
 
 @pytest.mark.parametrize("prefill", [1, 5, 8, 13])
@@ -34,12 +34,7 @@ def test_chunked_prefill_continuation():
 
 def test_left_padding_does_not_change_real_tokens():
     model = small_model(seed=3, mamba_proj_bias=True)
-    gen = torch.Generator().manual_seed(3)
-    a, b = torch.randint(0, 97, (1, 17), generator=gen), torch.randint(0, 97, (1, 9), generator=gen)
-    ids = torch.zeros(2, 17, dtype=torch.long)
-    ids[0], ids[1, 8:] = a[0], b[0]
-    mask = torch.ones(2, 17, dtype=torch.bool)
-    mask[1, :8] = False
+    a, b, ids, mask = left_padded_pair(17, 9, seed=3)
     with torch.no_grad():
         batched = model(ids, attention_mask=mask)
         assert (batched[0] - model(a)[0]).abs().max() < 1e-4

@@ -17,7 +17,7 @@ from hybridlm.model import HybridLM
 from hybridlm.monitor import OutputMonitor, layer_group
 from hybridlm.training import TrainConfig, TrainingDiverged, _divergence, read_metrics, train
 
-from helpers import small_config
+from helpers import left_padded_pair, small_config
 
 ALL_ON = dict(qk_norm="layernorm", post_proj_norm="rmsnorm", post_fc2_norm="layernorm",
               mamba_out_norm="rmsnorm", attn_logit_softcap=2.0)
@@ -203,12 +203,7 @@ def test_decode_equals_forward_with_options_on(options):
 
 def test_left_padding_with_options_on():
     model = one_layer("M*-M-*M", seed=5, **ALL_ON)
-    gen = torch.Generator().manual_seed(5)
-    a, b = torch.randint(0, 97, (1, 13), generator=gen), torch.randint(0, 97, (1, 8), generator=gen)
-    ids = torch.zeros(2, 13, dtype=torch.long)
-    ids[0], ids[1, 5:] = a[0], b[0]
-    mask = torch.ones(2, 13, dtype=torch.bool)
-    mask[1, :5] = False
+    a, b, ids, mask = left_padded_pair(13, 8, seed=5)
     with torch.no_grad():
         batched = model(ids, attention_mask=mask)
         assert (batched[1, 5:] - model(b)[0]).abs().max() < 1e-6

@@ -580,6 +580,24 @@ def _serve(p: argparse.ArgumentParser):
     return run
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: X)` only where there is a default worth reading (not None / off / empty)."""
+
+    @staticmethod
+    def _worth_showing(default: Any) -> bool:
+        return not (default is None or default is False or default == "" or default is argparse.SUPPRESS)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if not self._worth_showing(action.default) or isinstance(action, argparse._StoreTrueAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and self._worth_showing(action.default):
+            action.help = "(default: %(default)s)"  # argparse lists no default for a flag without help
+        return super()._format_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridlm", description="Hybrid Mamba-2 / Transformer language models: build, train, "
@@ -588,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, make in COMMANDS.items():
         p = sub.add_parser(name, help=make.help, description=make.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         p.set_defaults(run=make(p))
     return parser
 

@@ -26,13 +26,6 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 MODES = ("auto", "none", "ddp", "fsdp2")
 
@@ -187,7 +180,14 @@ def grad_sync(module: nn.Module, env: DistEnv, sync: bool) -> Iterator[None]:
         yield
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _dcp():
+    """torch.distributed.checkpoint.state_dict, imported on first use (it takes ~1 s to import)."""
+    import torch.distributed.checkpoint.state_dict as dcp
+    return dcp
+
+
+def _full():
+    return _dcp().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -196,18 +196,20 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     Under FSDP2 only rank 0 receives non-empty dicts. Optimizer state is keyed by
     parameter name, not by index.
     """
-    return (get_model_state_dict(model, options=_FULL),
-            get_optimizer_state_dict(model, optimizer, options=_FULL))
+    dcp = _dcp()
+    return (dcp.get_model_state_dict(model, options=_full()),
+            dcp.get_optimizer_state_dict(model, optimizer, options=_full()))
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     """Full CPU model state dict (collective under FSDP2, where only rank 0 gets it)."""
-    return get_model_state_dict(model, options=_FULL)
+    return _dcp().get_model_state_dict(model, options=_full())
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     model_sd: dict[str, Tensor], optim_sd: dict[str, Any] | None, strict: bool = True) -> None:
     """Inverse of :func:`full_state`; every rank passes the full dicts (collective under FSDP2)."""
-    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+    dcp = _dcp()
+    dcp.set_model_state_dict(model, model_sd, options=dcp.StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        dcp.set_optimizer_state_dict(model, optimizer, optim_sd, options=dcp.StateDictOptions(full_state_dict=True))
