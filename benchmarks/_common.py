@@ -67,6 +67,16 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None) -> argpars
     return args
 
 
+def twin_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the hybrid-vs-twin flags (--preset, --pattern, --param-tol); `doc`: the script's docstring."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help="hybrid preset (hybridlm.config.PRESETS)")
+    ap.add_argument("--pattern", default=None, help="override the hybrid's layer pattern, e.g. M-M-M-M*-M-M-M-M*-")
+    ap.add_argument("--param-tol", type=float, default=0.02, help="allowed relative parameter mismatch of the twin")
+    return ap
+
+
 def hybrid_and_twin(args: argparse.Namespace):
     """The `--preset` hybrid (optionally with `--pattern`) and its parameter-matched attention twin.
 

@@ -30,7 +30,7 @@ import time
 import torch
 
 from _common import (cpu_pressure_us, environment_line, hybrid_and_twin, parse_common,  # noqa: E402
-                     report_contention, sync, write_json)  # (also puts src/ on sys.path)
+                     report_contention, sync, twin_parser, write_json)  # (also puts src/ on sys.path)
 
 from hybridlm.model import HybridLM  # noqa: E402
 
@@ -38,18 +38,13 @@ MiB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help="hybrid preset (hybridlm.config.PRESETS)")
-    ap.add_argument("--pattern", default=None,
-                    help="override the hybrid's layer pattern, e.g. the Nemotron-H-8B ratio 'M-M-M-M*-M-M-M-M*-'")
+    ap = twin_parser(__doc__)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192],
                     help="prompt lengths (tokens already in the cache when decoding starts)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch size(s)")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps (one token each)")
     ap.add_argument("--warmup-steps", type=int, default=4, help="untimed decode steps before timing")
     ap.add_argument("--block", type=int, default=8, help="decode steps per model before switching to the other")
-    ap.add_argument("--param-tol", type=float, default=0.02, help="allowed relative parameter mismatch")
     args = parse_common(ap, argv)
     if min(args.steps, args.block, *args.batch, *args.contexts) < 1 or args.warmup_steps < 0:
         ap.error("--steps, --block, --batch and --contexts must be >= 1 (--warmup-steps >= 0)")

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from _common import (cpu_pressure_us, environment_line, hybrid_and_twin, parse_common,  # noqa: E402
-                     report_contention, sync, write_json)  # (also puts src/ on sys.path)
+                     report_contention, sync, twin_parser, write_json)  # (also puts src/ on sys.path)
 
 from hybridlm.engine import Engine, Request, RequestOutput  # noqa: E402
 from hybridlm.generation import SamplingParams  # noqa: E402
@@ -47,10 +47,7 @@ MiB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help="hybrid preset (hybridlm.config.PRESETS)")
-    ap.add_argument("--pattern", default=None, help="override the hybrid's layer pattern")
+    ap = twin_parser(__doc__)
     ap.add_argument("--settings", nargs="+", default=["1024+1024", "4096+4096"],
                     help="prompt+output token lengths, e.g. 1024+1024")
     ap.add_argument("--requests", type=int, default=16, help="requests per model and setting")
@@ -60,7 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "--concurrency slots use at P+O tokens (and as many more requests), as the papers "
                          "compare at a memory budget; default: the same concurrency for both")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward call")
-    ap.add_argument("--param-tol", type=float, default=0.02, help="allowed relative parameter mismatch")
     ap.add_argument("--cache", type=Path, default=Path("runs/bench_serve_cache.json"),
                     help="per-run results, reused by a rerun with the same arguments")
     ap.add_argument("--fresh", action="store_true", help="ignore (and overwrite) cached runs")
