@@ -8,6 +8,13 @@
     hybridlm eval --ckpt runs/x/final --data data/
     hybridlm report runs/x
     hybridlm convert SRC DST --to hf
+    hybridlm train --precision nvfp4 --high-precision-layers first:1,last:4 --out runs/fp4
+    hybridlm quant-inspect --ckpt runs/x/final
+    hybridlm sweep-lr --lrs 1e-2,3e-2,1e-1 --out runs/sweep
+    hybridlm prune --ckpt runs/x/final --data data/ --target-params 0.7x --out runs/pruned
+    hybridlm distill --teacher runs/x/final --student runs/pruned --out runs/kd
+    hybridlm plan --preset nemotron-nano-12b-v2 --gpu-mem 22GiB --search
+    hybridlm serve --ckpt runs/x/final --port 8000
 
 Bad input (missing files, invalid configs, corrupt checkpoints) ends with a one-line
 `error: ...` and exit status 1, never a traceback; argparse rejects unknown flags.
