@@ -56,7 +56,7 @@ def write_json(path: Path | None, result: dict) -> None:
 
 
 def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Add --device/--threads/--seed/--json, parse, and refuse --device cuda without CUDA."""
+    """Add --device/--threads/--seed/--json, parse, refuse --device cuda without CUDA, apply --threads."""
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (None: keep torch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -64,6 +64,8 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None) -> argpars
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda given but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return args
 
 

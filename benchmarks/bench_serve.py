@@ -182,8 +182,6 @@ def _pct(sorted_values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t_start, psi_start = time.perf_counter(), cpu_pressure_us()
     print(environment_line(args.device))
     cfg, twin, n_h, n_t = hybrid_and_twin(args)

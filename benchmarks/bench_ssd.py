@@ -107,8 +107,6 @@ def time_fn(fn, inputs, device: str, warmup: int, repeats: int, budget: float = 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t_start, psi_start = time.perf_counter(), cpu_pressure_us()
     torch.manual_seed(args.seed)
     b, h, p, g, n, Q = args.batch, args.heads, args.head_dim, args.groups, args.state, args.chunk

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hybridlm.config import HybridConfig
-from hybridlm.engine import Engine
+from hybridlm.engine import Engine, wait_idle
 from hybridlm.generation import SamplingParams, generate
 from hybridlm.model import HybridLM
 from hybridlm.server import CHAT_STOP, BackgroundServer, ChatMessage, ServerSettings, chat_prompt, create_app
@@ -70,15 +70,6 @@ def reference_text(model, tok, prompt: str, max_tokens: int, stop: list[str] = (
     if hits:
         text, reason = text[: min(hits)], "stop"
     return text, reason
-
-
-def wait_free(engine, timeout=10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if engine.num_running == 0 and engine.num_waiting == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ---- happy paths with the official client --------------------------------------------------
@@ -241,7 +232,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         got = [next(lines) for _ in range(4)]
         assert got[0].startswith("data: {")
         assert engine.num_running == 1
-    assert wait_free(engine)
+    assert wait_idle(engine)
     assert engine.stats["aborted"] == aborted + 1
 
 
@@ -257,7 +248,7 @@ def test_disconnect_while_waiting_for_json_frees_the_slot(server):
         while engine.num_running == 0 and time.monotonic() < end:
             time.sleep(0.005)
         assert engine.num_running == 1
-    assert wait_free(engine)
+    assert wait_idle(engine)
     assert engine.stats["aborted"] == aborted + 1
 
 
@@ -270,7 +261,7 @@ def test_queue_full_gets_429(model, tok):
             assert next(lines).startswith("data: ")
             busy = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2})
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
-        assert wait_free(engine)
+        assert wait_idle(engine)
         ok = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2})
         assert ok.status_code == 200
 
@@ -305,7 +296,7 @@ def test_load_200_requests_16_concurrent(server, client):
         results = list(pool.map(one, range(200), timeout=120))
     assert sorted(r[0] for r in results) == list(range(200))
     assert all(isinstance(r[2], str) for r in results)
-    assert wait_free(engine)
+    assert wait_idle(engine)
     assert engine.stats["finished"] - finished_before == 200
     print(f"200 requests in {time.monotonic() - start:.1f} s")
 
