@@ -93,6 +93,7 @@ class ClosedLoop:
         self.ttft: list[float] = []
         self._first: list[str] = []   # events of the running step, stamped when it ends
         self._done: list[str] = []
+        self._failure: str | None = None  # raised from step(): the engine swallows callback exceptions
         for _ in range(min(concurrency, n_requests)):
             self._send()
 
@@ -106,6 +107,8 @@ class ClosedLoop:
         self.engine.step()
         sync(self.device)
         self.clock += time.perf_counter() - t0
+        if self._failure:
+            raise RuntimeError(self._failure)
         self.ttft += [self.clock - self.t_sent[rid] for rid in self._first]
         self.latency += [self.clock - self.t_sent[rid] for rid in self._done]
         for _ in self._done:  # each finished client sends its next request
@@ -127,8 +130,8 @@ class ClosedLoop:
             self._first.append(out.request_id)
         if out.finished:
             if out.finish_reason != "length" or out.completion_tokens != self.out_len:
-                raise RuntimeError(f"request {out.request_id} ended with {out.finish_reason} "
-                                   f"after {out.completion_tokens} tokens")
+                self._failure = (f"request {out.request_id} ended with {out.finish_reason} after "
+                                 f"{out.completion_tokens} tokens" + (f": {out.error}" if out.error else ""))
             self._done.append(out.request_id)
 
     def result(self) -> dict:

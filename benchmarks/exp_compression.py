@@ -139,8 +139,8 @@ def planner_answer() -> dict:
     budget = parse_bytes("22GiB")
     ans = {}
     for name in ("nemotron-nano-12b-v2", "nemotron-nano-9b-v2"):
-        print(format_plan(preset(name), name, budget, 131072, 1, "bf16"))
         ans[name] = format_plan(preset(name), name, budget, 131072, 1, "bf16")
+        print(ans[name])
     cfg = preset("nemotron-nano-12b-v2")
     rows = search_architecture(cfg, budget, 131072, 1, "bf16", top=3)
     ans["search_12b"] = [f"{r['plan'].params / 1e9:.2f} B, {human_bytes(r['plan'].total)}: {describe_spec(cfg, r['spec'])}"
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scratch-lr", type=float, default=3e-3)
     ap.add_argument("--full-scratch", type=int, default=1,
                     help="also train the 'both' student from scratch on the teacher's whole token budget (0: skip)")
-    a = parse_common(ap, argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = parse_common(ap, argv)  # also applies --threads
     torch.manual_seed(a.seed)
     results = run(a)
     print(table(results))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync  # noqa: E402
+from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402
 
 from hybridlm.checkpoint import load_model  # noqa: E402
 from hybridlm.config import HybridConfig  # noqa: E402
@@ -266,8 +266,6 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if a.device != "cpu":
         raise SystemExit("this experiment runs the CPU simulation; use benchmarks/bench_fp8_gemm.py on a GPU")
-    if a.threads:
-        torch.set_num_threads(a.threads)
     print(environment_line(a.device))
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = HybridConfig(**MODEL)
@@ -293,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"model": MODEL, "runs": results, "overhead": overhead, "gemm_errors": mechanisms,
                "args": {k: str(v) for k, v in vars(a).items()}}
     (a.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(a.json, payload)
     return payload
 
 

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from hybridlm.config import HybridConfig  # noqa: E402
-from hybridlm.report import plot_monitor  # noqa: E402
+from hybridlm.report import _save, plot_monitor  # noqa: E402
 from hybridlm.sweep import markdown_table, plot_loss_vs_lr, run_dir_name, sweep_lr  # noqa: E402
 from hybridlm.training import TrainConfig, read_metrics  # noqa: E402
 
@@ -139,9 +139,7 @@ def plot_loss_curves(out: Path, variants: list[str], lr: float, path: Path) -> N
            xscale="symlog", xlim=(1, None))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 if __name__ == "__main__":

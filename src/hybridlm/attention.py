@@ -43,8 +43,10 @@ def softcap(scores: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(scores / cap)
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cap: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Softmax attention written out: (output, largest raw logit among the allowed pairs).
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cap: float = 0.0,
+                       record: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Softmax attention written out: (output, largest raw logit among the allowed pairs, or
+    None when not `record`).
 
     q (b, h, lq, d); k, v (b, hk, lk, d) with h a multiple of hk (GQA: query head i reads
     kv head i // (h // hk), as SDPA's enable_gqa); mask (b, 1, lq, lk) True where a query
@@ -55,7 +57,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cap: float
     wide = torch.promote_types(q.dtype, torch.float32)  # at least float32 (float64 stays float64)
     with torch.autocast(q.device.type, enabled=False):
         scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * q.shape[-1] ** -0.5  # (b, h, lq, lk)
-        max_logit = scores.detach().masked_fill(~mask, -torch.inf).amax()
+        max_logit = scores.detach().masked_fill(~mask, -torch.inf).amax() if record else None
         if cap:
             scores = softcap(scores, cap)
         probs = torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=-1)
@@ -103,8 +105,8 @@ class Attention(nn.Module):
         if self.softcap or self.record_logits:
             if key_valid is None:
                 key_valid = torch.ones(b, k_len, dtype=torch.bool, device=x.device)
-            out, max_logit = explicit_attention(q, k, v, attention_mask(l, key_valid), self.softcap)
-            self.last_logit_max = max_logit if self.record_logits else None
+            out, self.last_logit_max = explicit_attention(q, k, v, attention_mask(l, key_valid), self.softcap,
+                                                          record=self.record_logits)
         elif key_valid is None and k_len == l:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif key_valid is None and l == 1:

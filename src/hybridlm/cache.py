@@ -162,15 +162,16 @@ class InferenceCache:
         """
         if len(other.layers) != len(self.layers):
             raise ValueError(f"cannot join caches of {len(self.layers)} and {len(other.layers)} layers")
+        for i, (mine, theirs) in enumerate(zip(self.layers, other.layers)):  # check all before changing any
+            if type(mine) is not type(theirs):
+                raise ValueError(f"layer {i}: cannot join a {type(mine).__name__} with a {type(theirs).__name__}")
         width = max(self.seen, other.seen)
         for i, (mine, theirs) in enumerate(zip(self.layers, other.layers)):
-            if isinstance(mine, MambaState) and isinstance(theirs, MambaState):
+            if isinstance(mine, MambaState):
                 mine.conv = torch.cat([mine.conv, theirs.conv.to(mine.conv.dtype)])
                 mine.ssm = torch.cat([mine.ssm, theirs.ssm.to(mine.ssm.dtype)])
-            elif isinstance(mine, KVCache) and isinstance(theirs, KVCache):
+            elif isinstance(mine, KVCache):
                 self.layers[i] = mine.stacked_with(theirs, width)
-            elif type(mine) is not type(theirs):
-                raise ValueError(f"layer {i}: cannot join a {type(mine).__name__} with a {type(theirs).__name__}")
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask.to(self.mask.device), width)])
         self.has_padding = bool((~self.mask).any())
 

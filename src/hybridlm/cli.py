@@ -315,6 +315,7 @@ def _quant_inspect(p: argparse.ArgumentParser):
     def run(a):
         import torch
         from .low_precision import plot_inspect, quant_inspect
+        from .nvfp4 import apply_rht
         model_given = any(getattr(a, k) for k in ("ckpt", "hf", "preset", "config"))
         if model_given == bool(a.random):
             raise ValueError("give exactly one of a model (--ckpt/--hf/--preset/--config) or --random ROWSxCOLS")
@@ -349,12 +350,11 @@ def _quant_inspect(p: argparse.ArgumentParser):
                 tensors = {n: w for n, w in params.items() if n.startswith("backbone.layers.") and w.dim() == 2}
         if len(tensors) == 1:
             (name, x), = tensors.items()
-            if block_t[0] > 1 and x.dim() != 2:
-                raise ValueError(f"{name} has shape {tuple(x.shape)}: 16x16 blocks need a matrix (use --block 1x16)")
             report, deq = quant_inspect(x, a.format, block_t, rht, name=name)
             print(report.format_text())
-            if a.plot:
-                print(f"wrote {plot_inspect(x, deq, report, a.plot)}")
+            if a.plot:  # with --rht, deq is of the transformed tensor: compare it with that
+                shown = x if rht is None else apply_rht(x.detach().float(), rht, -1)
+                print(f"wrote {plot_inspect(shown, deq, report, a.plot)}")
             return
         print(f"{'weight':<44} {'shape':>12} {'rel err':>8} {'SQNR dB':>8} {'clipped%':>9} {'flushed%':>9}")
         for name, x in tensors.items():
@@ -424,8 +424,7 @@ def _prune(p: argparse.ArgumentParser):
         from .checkpoint import save_model
         from .data import TokenDataset
         from .importance import Importance, calibration_batches, compute_importance
-        from .pruning import (PruneSpec, calibration_kl, param_count, parse_target, prune_model,
-                              pruned_config, search_spec)
+        from .pruning import calibration_kl, choose_spec, param_count, parse_target, prune_model
         explicit = {k: getattr(a, k) for k in ("d_model", "ffn_dim", "mamba_heads", "n_heads", "n_kv_heads")
                     if getattr(a, k) is not None}
         if a.target_params and (explicit or a.drop_layers):
@@ -449,16 +448,8 @@ def _prune(p: argparse.ArgumentParser):
             raise ValueError("--data (a prepared shard directory) is required to compute importance scores")
         else:
             imp = compute_importance(model, batches, depth=True, progress=True)
-        table = None
-        if target is not None:
-            spec, table = search_spec(cfg, imp, target, a.axes, a.tolerance, model, batches,
-                                      n_drop=a.n_drop if a.n_drop else None)
-        else:
-            drop = [int(i) for i in a.drop_layers.split(",") if i.strip()] if a.drop_layers else []
-            if a.n_drop:
-                drop += [i for i in imp.depth().argsort().tolist() if i not in drop][:a.n_drop]
-            spec = PruneSpec(**{**PruneSpec.identity(cfg).to_dict(), **explicit, "drop_layers": tuple(sorted(drop))})
-            pruned_config(cfg, spec)  # validate before any work
+        drop = tuple(int(i) for i in a.drop_layers.split(",") if i.strip()) if a.drop_layers else ()
+        spec, table = choose_spec(cfg, imp, target, explicit, drop, a.n_drop, a.axes, a.tolerance, model, batches)
         pruned = prune_model(model, imp, spec).eval()
         src = a.ckpt or a.hf or a.preset or a.config
         out = save_model(pruned, a.out, extra={"pruned_from": str(src), "prune_spec": spec.to_dict()})
@@ -473,7 +464,9 @@ def _prune(p: argparse.ArgumentParser):
               f"{pruned.cfg.d_model}, ffn {pruned.cfg.ffn_dim}, mamba heads {pruned.cfg.mamba_heads}, heads "
               f"{pruned.cfg.n_heads}/{pruned.cfg.n_kv_heads}")
         if batches:
-            print(f"calibration KL(original || pruned) {calibration_kl(model, pruned, batches):.4f} nats/token")
+            kl = table[0].get("kl") if table else None  # the search already measured its winner
+            kl = calibration_kl(model, pruned, batches) if kl is None else kl
+            print(f"calibration KL(original || pruned) {kl:.4f} nats/token")
         print(f"wrote {out} (distill it: hybridlm distill --teacher {src} --student {out} --out RUN)")
     return run
 
@@ -487,9 +480,9 @@ def _distill(p: argparse.ArgumentParser):
     add_dataclass_args(p, TrainConfig, skip=("model", "init_from"))
 
     def run(a):
-        from .distill import DistillConfig, distill
-        from .training import TrainConfig, TrainingDiverged
         from .checkpoint import read_config
+        from .distill import distill
+        from .training import TrainingDiverged
         read_config(a.student)  # clear error for a missing or foreign student directory
         tc = dataclass_from_args(TrainConfig, a, model=a.student, init_from=a.student)
         try:
@@ -530,9 +523,7 @@ def _plan(p: argparse.ArgumentParser):
         print(format_plan(cfg, name, budget, a.context, a.batch, a.dtype, a.prefill_chunk))
         if not a.search:
             return
-        imp = Importance.load(a.importance) if a.importance else None
-        if imp is not None and imp.pattern != cfg.pattern:
-            raise ValueError(f"{a.importance} was computed for pattern {imp.pattern!r}, not {cfg.pattern!r}")
+        imp = Importance.load(a.importance) if a.importance else None  # checked against cfg by the search
         rows = search_architecture(cfg, budget, a.context, a.batch, a.dtype, imp, a.axes, a.prefill_chunk,
                                    a.top, progress=True)
         if not rows:

@@ -193,11 +193,13 @@ class Engine:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_model_len is not None and max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.lm_head.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_model_len = max_model_len or model.cfg.max_seq_len
+        self.max_model_len = max_model_len if max_model_len is not None else model.cfg.max_seq_len
         self.prefill_chunk, self.prefill_tokens_per_step = prefill_chunk, prefill_tokens_per_step
         self._waiting: deque[Request] = deque()
         self._aborts: set[str] = set()
@@ -217,18 +219,21 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: Request, enforce_queue_limit: bool = True) -> str:
+    def submit(self, request: Request) -> str:
         """Queue a request (checked here: ValueError names the bad field); returns its id."""
         self.validate(request)
+        self._enqueue([request], enforce_queue_limit=True)
+        return request.request_id
+
+    def _enqueue(self, requests: list[Request], enforce_queue_limit: bool) -> None:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("engine is stopping")
             if enforce_queue_limit and len(self._waiting) + len(self._slots) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self._slots)} requests run and {len(self._waiting)} wait "
                                 f"(max_batch={self.max_batch}, max_queue={self.max_queue})")
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._cond.notify()
-        return request.request_id
 
     def abort(self, request_id: str) -> None:
         """Stop a waiting or running request; it finishes with finish_reason 'abort' and frees its slot."""
@@ -265,8 +270,7 @@ class Engine:
         reqs = [Request(list(p), sp, stop, on_output=c) for p, sp, c in zip(prompts, plist, collectors)]
         for r in reqs:
             self.validate(r)
-        for r in reqs:
-            self.submit(r, enforce_queue_limit=False)
+        self._enqueue(reqs, enforce_queue_limit=False)  # all or none
         if self._thread is None:
             self.run_until_idle()
         for c in collectors:
@@ -374,7 +378,7 @@ class Engine:
         self.stats["prefill_tokens"] += ids.shape[1]
         if self._accept(slot, self._sample(logits, [slot])[0]):
             return
-        if self._cache is None or not self._slots:
+        if self._cache is None:  # no running request (see `_keep_rows`)
             self._cache = cache
         else:
             self._cache.add_rows(cache)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+F32_MAX = torch.finfo(torch.float32).max
 _MM_ALIGN = 16  # _scaled_mm wants every GEMM dimension a multiple of 16
 
 
@@ -56,9 +57,10 @@ class FP8Tensor:
 
 
 def current_scale(x: Tensor) -> Tensor:
-    """FP32 scalar 448 / amax(|x|) (1 for an all-zero tensor, NaN for a non-finite amax)."""
+    """FP32 scalar 448 / amax(|x|) (capped at the FP32 max for a tiny amax, 1 for an all-zero tensor,
+    NaN for a non-finite amax)."""
     amax = x.detach().abs().amax().to(torch.float32)
-    scale = torch.where(amax > 0, E4M3_MAX / amax, torch.ones_like(amax))
+    scale = torch.where(amax > 0, (E4M3_MAX / amax).clamp(max=F32_MAX), torch.ones_like(amax))
     return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
 
 

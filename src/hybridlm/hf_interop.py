@@ -250,8 +250,8 @@ def hybrid_to_hf_config(cfg: HybridConfig, dtype: torch.dtype | str = torch.floa
     if cfg.attention_bias:
         raise ValueError("attention_bias=True cannot be exported: transformers' NemotronHAttention "
                          "has no q/k/v/o biases")
-    if cfg.stability_options():
-        raise ValueError(f"training-stability options {cfg.stability_options()} cannot be exported: "
+    if stability := cfg.stability_options():
+        raise ValueError(f"training-stability options {stability} cannot be exported: "
                          "transformers' Nemotron-H has no QK/QKV/post-projection norms or logit capping")
     lo, hi = cfg.time_step_limit
     if not math.isinf(hi):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import read_json
+from .config import HybridConfig, read_json
 from .data import TokenDataset
 from .distill import kd_loss
 from .model import HybridLM
@@ -90,6 +90,12 @@ class Importance:
         if not Path(path).is_file():
             raise FileNotFoundError(f"importance file not found: {path}")
         return cls.from_dict(read_json(Path(path)))
+
+    def check_matches(self, cfg: HybridConfig) -> None:
+        """ValueError unless these scores were computed for a model of `cfg`'s pattern and d_model."""
+        if self.pattern != cfg.pattern or self.embedding.numel() != cfg.d_model:
+            raise ValueError(f"importance scores were computed for pattern {self.pattern!r} / d_model "
+                             f"{self.embedding.numel()}, not for this model ({cfg.pattern!r} / {cfg.d_model})")
 
     def depth(self, metric: str = "kl") -> Tensor:
         """Per-layer importance: the increase of KL (or of LM loss) when the layer is skipped."""

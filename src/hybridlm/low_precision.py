@@ -396,10 +396,8 @@ def quant_inspect(x: Tensor, fmt: str = "nvfp4", block: tuple[int, int] = (1, 16
         clipped = float((x.abs() * scale > fp8.E4M3_MAX * _CLIP_TOL).float().mean())
         block_scales, zero_blocks, counts = None, 0, {}
     else:
-        rows = nvfp4._block_rows(block)
-        x2 = nvfp4._as_2d(x) if rows == 1 else x
-        if rows > 1 and x.dim() != 2:
-            raise ValueError(f"{name}: 16x16 blocks need a 2-D tensor, got shape {tuple(x.shape)}")
+        rows = nvfp4._block_rows(block, x)
+        x2 = nvfp4._as_2d(x)
         qt = nvfp4._quantize_tiles(x2, rows, stochastic, None)
         real = nvfp4._tiles(torch.ones_like(x2), rows) > 0                         # mask out the padding
         mags = qt.values.abs()[real]

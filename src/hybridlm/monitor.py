@@ -81,7 +81,7 @@ class OutputMonitor:
         if not self._sq:
             return {}
         names = list(self._sq)
-        sums = torch.stack([self._sq[n].cpu() for n in names]).tolist()  # one device sync
+        sums = torch.stack([self._sq[n] for n in names]).tolist()  # one device sync
         return {n: math.sqrt(s / max(self._count[n], 1)) for n, s in zip(names, sums)}
 
     def logit_max(self) -> dict[str, float]:

@@ -25,6 +25,7 @@ The GEMM itself is simulated: NVFP4 tensor cores exist only on Blackwell.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -32,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8 import E4M3, E4M3_MAX
+from .fp8 import E4M3, E4M3_MAX, F32_MAX
 
 E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of code index 0..7
 BLOCK = 16
-_F32_MAX = torch.finfo(torch.float32).max
 # 2 * |value| -> code index (only the entries 0, 1, 2, 3, 4, 6, 8, 12 are real values)
 _INDEX_OF_TWICE = {int(2 * v): i for i, v in enumerate(E2M1_VALUES)}
 
@@ -110,9 +110,12 @@ def unpack_fp4(packed: Tensor) -> Tensor:
 # ------------------------------------------------------------------------ scaling
 
 
-def _block_rows(block: tuple[int, int]) -> int:
+def _block_rows(block: tuple[int, int], x: Tensor) -> int:
+    """Rows of a `block` (1 or 16) after checking it, and that 16x16 blocks get a 2-D `x`."""
     if block not in ((1, BLOCK), (BLOCK, BLOCK)):
         raise ValueError(f"NVFP4 block must be (1, 16) or (16, 16), got {block}")
+    if block[0] > 1 and x.dim() != 2:
+        raise ValueError(f"16x16 NVFP4 blocks need a 2-D tensor, got shape {tuple(x.shape)} (use 1x16 blocks)")
     return block[0]
 
 
@@ -127,7 +130,7 @@ def _tiles(x: Tensor, rows: int) -> Tensor:
 
 def global_encode_scale(amax: Tensor) -> Tensor:
     """FP32 s_enc = 6 * 448 / amax (1 for amax == 0, capped at the FP32 max)."""
-    s = (E2M1_MAX * E4M3_MAX / amax).clamp(max=_F32_MAX)
+    s = (E2M1_MAX * E4M3_MAX / amax).clamp(max=F32_MAX)
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
@@ -150,7 +153,7 @@ def _quantize_tiles(x2d: Tensor, rows: int, stochastic: bool, generator: torch.G
     s_enc = global_encode_scale(amax)
     s_block = (block_amax * (s_enc / E2M1_MAX)).clamp(max=E4M3_MAX).to(E4M3)
     s_block_f = s_block.to(torch.float32)
-    enc = torch.where(s_block_f > 0, s_enc / s_block_f, torch.zeros_like(s_block_f))
+    enc = torch.where(s_block_f > 0, (s_enc / s_block_f).clamp(max=F32_MAX), torch.zeros_like(s_block_f))
     mag.mul_(enc[:, None, :, None])
     values = _round_magnitude_(mag, stochastic, generator).copysign_(t)
     return _Quantized(values, s_block, s_enc, enc, amax)
@@ -176,9 +179,7 @@ def fake_quantize(x: Tensor, block: tuple[int, int] = (1, BLOCK), stochastic: bo
 
     `block=(16, 16)` needs a 2-D `x`; then fake_quantize(W, (16,16)).T == fake_quantize(W.T, (16,16)).
     """
-    rows = _block_rows(block)
-    if rows > 1 and x.dim() != 2:
-        raise ValueError(f"16x16 NVFP4 blocks need a 2-D tensor, got shape {tuple(x.shape)}")
+    rows = _block_rows(block, x)
     x2 = _as_2d(x)
     q = _quantize_tiles(x2, rows, stochastic, generator)
     s_enc = torch.where(torch.isfinite(q.amax), q.s_enc, float("nan"))  # non-finite input: all NaN
@@ -203,9 +204,8 @@ class NVFP4Tensor:
         values = e2m1_decode(unpack_fp4(self.packed))                    # (R', C')
         rp, cp = values.shape
         tiles = values.view(rp // rows, rows, cp // BLOCK, BLOCK)
-        cols = self.shape[-1]
-        out = _dequantize_tiles(tiles, self.block_scales, self.global_scale, (rp, cp))
-        return out[: math.prod(self.shape[:-1]), :cols].reshape(self.shape)
+        shape2d = (math.prod(self.shape[:-1]), self.shape[-1])
+        return _dequantize_tiles(tiles, self.block_scales, self.global_scale, shape2d).reshape(self.shape)
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.block_scales.numel() + 4
@@ -214,9 +214,7 @@ class NVFP4Tensor:
 def quantize(x: Tensor, block: tuple[int, int] = (1, BLOCK), stochastic: bool = False,
              generator: torch.Generator | None = None) -> NVFP4Tensor:
     """Packed NVFP4 encoding of a finite tensor `x` (ValueError for NaN/inf: E2M1 cannot hold them)."""
-    rows = _block_rows(block)
-    if rows > 1 and x.dim() != 2:
-        raise ValueError(f"16x16 NVFP4 blocks need a 2-D tensor, got shape {tuple(x.shape)}")
+    rows = _block_rows(block, x)
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"cannot encode {bad} non-finite value(s) (NaN/inf) in NVFP4")
@@ -239,11 +237,19 @@ def hadamard(n: int = BLOCK, dtype: torch.dtype = torch.float32) -> Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=None)
+def _rht_matrix_f64(seed: int, n: int) -> Tensor:
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return hadamard(n, torch.float64) * signs.to(torch.float64) / math.sqrt(n)
+
+
 def rht_matrix(seed: int, n: int = BLOCK, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> Tensor:
-    """Orthogonal R = H diag(s) / sqrt(n) with random signs s drawn from `seed` (R R^T = I)."""
-    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return (hadamard(n, torch.float64) * signs.to(torch.float64) / math.sqrt(n)).to(dtype=dtype, device=device)
+    """Orthogonal R = H diag(s) / sqrt(n) with random signs s drawn from `seed` (R R^T = I).
+
+    Built once per (seed, n) (it is needed in every wgrad); the caller gets its own copy.
+    """
+    return _rht_matrix_f64(seed, n).to(dtype=dtype, device=device, copy=True)
 
 
 def apply_rht(x: Tensor, seed: int, dim: int = 0) -> Tensor:

@@ -208,9 +208,7 @@ def _layer_index_map(cfg: HybridConfig, kind: str, spec: PruneSpec, imp: Importa
 def prune_state_dict(cfg: HybridConfig, sd: dict[str, Tensor], imp: Importance,
                      spec: PruneSpec) -> dict[str, Tensor]:
     """The weights of `cfg` (state dict `sd`) pruned to `spec` using the scores `imp`."""
-    if imp.pattern != cfg.pattern or imp.embedding.numel() != cfg.d_model:
-        raise ValueError(f"importance scores were computed for pattern {imp.pattern!r} / d_model "
-                         f"{imp.embedding.numel()}, not for this model ({cfg.pattern!r} / {cfg.d_model})")
+    imp.check_matches(cfg)
     d = top_indices(imp.embedding, spec.d_model)
 
     def resolve(idx: Tensor | str | None) -> Tensor | None:
@@ -269,20 +267,26 @@ def candidate_specs(cfg: HybridConfig, imp: Importance | None, axes: str = "both
     """
     if axes not in AXES:
         raise ValueError(f"axes must be one of {AXES}, got {axes!r}")
-    width, depth = axes != "depth", axes != "width"
+    if imp is not None:
+        imp.check_matches(cfg)
+    width = axes != "depth"
     align = 64 if cfg.d_model >= 1024 else 8 if cfg.d_model >= 64 else 1
     d_opts = _grid(cfg.d_model, align, min_width) if width else [cfg.d_model]
     f_opts = _grid(cfg.ffn_dim, align, min_width) if width else [cfg.ffn_dim]
     m_opts = _grid(cfg.mamba_heads, cfg.n_groups, min_width) if width and cfg.count("mamba") else [cfg.mamba_heads]
     order = layer_drop_order(cfg, imp)
-    max_drop = min(int(cfg.n_layers * max_drop_frac), cfg.n_layers - 1) if depth else 0
-    drops = [tuple(sorted(order[:k])) for k in range(max_drop + 1)]
+    drops = [tuple(sorted(order[:k])) for k in range(max_drop(cfg, axes, max_drop_frac) + 1)]
     specs = [PruneSpec(dm, ff, mh, cfg.n_heads, cfg.n_kv_heads, dr)
              for dm, ff, mh, dr in itertools.product(d_opts, f_opts, m_opts, drops)]
     if axes == "mixed":
         full = (cfg.d_model, cfg.ffn_dim, cfg.mamba_heads)
         specs = [s for s in specs if s.drop_layers and (s.d_model, s.ffn_dim, s.mamba_heads) != full]
     return specs
+
+
+def max_drop(cfg: HybridConfig, axes: str, max_drop_frac: float = 0.5) -> int:
+    """How many layers a search on `axes` may drop: none for width, else up to `max_drop_frac` of them."""
+    return 0 if axes == "width" else min(int(cfg.n_layers * max_drop_frac), cfg.n_layers - 1)
 
 
 def widest_fitting(specs: list[PruneSpec], fits: Callable[[PruneSpec], bool]) -> Iterator[PruneSpec]:
@@ -359,8 +363,7 @@ def search_spec(cfg: HybridConfig, imp: Importance | None, target_params: int, a
     if n_drop is not None:
         candidates = [s for s in candidates if len(s.drop_layers) == n_drop]
         if not candidates:
-            raise ValueError(f"n_drop={n_drop}: axes {axes!r} allow dropping 0 to "
-                             f"{min(int(cfg.n_layers * 0.5), cfg.n_layers - 1) if axes != 'width' else 0} layers")
+            raise ValueError(f"n_drop={n_drop}: axes {axes!r} allow dropping 0 to {max_drop(cfg, axes)} layers")
     for spec in widest_fitting(candidates, lambda s: param_count(pruned_config(cfg, s)) <= target_params):
         small = pruned_config(cfg, spec)
         n = param_count(small)
@@ -381,3 +384,26 @@ def search_spec(cfg: HybridConfig, imp: Importance | None, target_params: int, a
         rows[:n_eval] = sorted(rows[:n_eval], key=lambda r: r["kl"])
     best = rows[0]["spec"]
     return best, [{**r, "spec": r["spec"].to_dict()} for r in rows]
+
+
+def choose_spec(cfg: HybridConfig, imp: Importance, target_params: int | None = None,
+                widths: dict[str, int] | None = None, drop_layers: tuple[int, ...] = (), n_drop: int = 0,
+                axes: str = "both", tolerance: float = 0.03, model: HybridLM | None = None,
+                batches: list[Batch] | None = None) -> tuple[PruneSpec, list[dict] | None]:
+    """The shape `hybridlm prune` asks for and, for a search, its ranked table (else None).
+
+    With `target_params`: :func:`search_spec` (`n_drop` > 0: exactly that many layers dropped).
+    Otherwise the explicit `widths` (PruneSpec fields; the rest kept) with `drop_layers` plus the
+    `n_drop` least important other layers (depth KL), validated against `cfg`.
+    """
+    imp.check_matches(cfg)
+    if target_params is not None:
+        return search_spec(cfg, imp, target_params, axes, tolerance, model, batches, n_drop=n_drop or None)
+    drop = list(drop_layers)
+    if n_drop:
+        if imp.depth_kl is None:
+            raise ValueError("--n-drop needs depth importance scores (these were computed with depth=False)")
+        drop += [i for i in layer_drop_order(cfg, imp) if i not in drop][:n_drop]
+    spec = dataclasses.replace(PruneSpec.identity(cfg), **(widths or {}), drop_layers=tuple(sorted(drop)))
+    pruned_config(cfg, spec)  # validate before any work
+    return spec, None

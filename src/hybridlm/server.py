@@ -242,21 +242,25 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings | None = None
             raise APIError(400, "prompt is empty", param="prompt")
         return [eos]
 
-    def sampling(body: _Common, max_tokens: int, prompt_len: int, index: int) -> SamplingParams:
+    def check_request(body: _Common, max_tokens: int, prompts: list[list[int]]) -> None:
+        """The sampling fields and every prompt's context length (once per HTTP request)."""
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        if prompt_len + max_tokens > engine.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, "
-                                f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
-                                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                           param="messages" if isinstance(body, ChatBody) else "prompt",
-                           code="context_length_exceeded")
+        for prompt_len in map(len, prompts):
+            if prompt_len + max_tokens > engine.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. "
+                                    f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
+                                    f"the prompt, {max_tokens} for the completion). Please reduce the prompt or "
+                                    f"max_tokens.", param="messages" if isinstance(body, ChatBody) else "prompt",
+                               code="context_length_exceeded")
         if body.n > settings.max_n:
             raise APIError(400, f"n must be at most {settings.max_n}, got {body.n}", param="n")
         if body.presence_penalty or body.frequency_penalty or body.logit_bias:
             raise APIError(400, "presence_penalty, frequency_penalty and logit_bias are not supported")
         if body.top_k is not None and body.top_k < -1:
             raise APIError(400, f"top_k must be -1 (off) or >= 1, got {body.top_k}", param="top_k")
+
+    def sampling(body: _Common, max_tokens: int, index: int) -> SamplingParams:
         seed = None if body.seed is None else body.seed + index
         return SamplingParams(max_new_tokens=max_tokens,
                               temperature=1.0 if body.temperature is None else body.temperature,
@@ -267,11 +271,12 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings | None = None
                   stop: list[str], chat: bool):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        check_request(body, max_tokens, prompts)
         reqs: list[Request] = []
         for i, prompt in enumerate(prompts):
             for j in range(body.n):
                 index = i * body.n + j
-                params = sampling(body, max_tokens, len(prompt), index)
+                params = sampling(body, max_tokens, index)
 
                 def deliver(out: RequestOutput, index: int = index) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, (index, out))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import distributed as D  # noqa: E402
 from .config import STABILITY_OFF, HybridConfig  # noqa: E402
+from .report import _save  # noqa: E402
 from .run_checkpoints import latest_checkpoint  # noqa: E402
 from .training import TrainConfig, TrainingDiverged, read_metrics, resolve_data, resolve_model_config, train  # noqa: E402
 
@@ -127,12 +128,13 @@ def _run_one(base: TrainConfig, model: HybridConfig, data: str, vdir: Path, vari
 
 def _monitor_peaks(run: Path) -> dict[str, Any]:
     """Largest monitored RMS of QKV / Proj / FC2 and the largest attention logit over the run."""
-    mon = read_metrics(run, "monitor")
+    records = read_metrics(run)
+    mon = [r for r in records if r.get("kind") == "monitor"]
     peaks: dict[str, Any] = {}
     for key in ("rms/QKV", "rms/Proj", "rms/FC2", "attn_logit_max"):
         values = [r[key] for r in mon if r.get(key) is not None]
         peaks[f"peak_{key.replace('rms/', 'rms_')}"] = max(values) if values else None
-    reasons = read_metrics(run, "diverged")
+    reasons = [r for r in records if r.get("kind") == "diverged"]
     peaks["reason"] = reasons[-1].get("reason") if reasons else None
     return peaks
 
@@ -198,7 +200,4 @@ def plot_loss_vs_lr(rows: list[dict[str, Any]], path: Path) -> Path:
            title="Final loss vs learning rate (x, drawn above the curves = diverged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -63,7 +63,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import atomic_write, atomic_write_text, read_config, save_model
+from .checkpoint import (WEIGHTS_NAME, atomic_write, atomic_write_text, load_tensors, load_weights_into,
+                         read_config, save_model)
 from .config import PRESETS, HybridConfig, preset, read_json
 from .data import META_FILE, TokenDataset, default_corpus_path, prepare_shards
 from .model import HybridLM
@@ -301,13 +302,13 @@ def evaluate(model: HybridLM, val: TokenDataset, batch_size: int, seq_len: int, 
 
 def _load_init_weights(model: HybridLM, cfg: HybridConfig, ckpt_dir: str) -> None:
     """Copy the weights of checkpoint `ckpt_dir` (same config required) into `model`."""
-    from .checkpoint import load_model
-    if read_config(ckpt_dir) != cfg:
-        theirs = read_config(ckpt_dir).to_dict()
-        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v)
+    theirs = read_config(ckpt_dir)
+    if theirs != cfg:
+        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.to_dict().get(k) != v)
         raise ValueError(f"init_from {ckpt_dir}: its config differs from the model's (fields {diff}); "
                          f"pass --model {ckpt_dir} to train that architecture")
-    model.load_state_dict(load_model(ckpt_dir).state_dict())
+    weights = Path(ckpt_dir) / WEIGHTS_NAME
+    load_weights_into(model, load_tensors(weights), str(weights))
 
 
 def _autocast_for(tc: TrainConfig, device: torch.device):
