@@ -432,6 +432,12 @@ def _train(tc: TrainConfig, env: D.DistEnv, objective: D.Objective | None = None
         last_ckpt = Path(_on_main(env, lambda: str(save_checkpoint(
             out, step, cfg, model_sd, optim_sd, rng_state(), st, tc.keep_last))))
 
+    def stop_diverged(step: int, reason: str, loss: float, message: str) -> TrainingDiverged:
+        """Log the `diverged` record and return the exception that ends the run."""
+        metrics.write({"kind": "diverged", "step": step, "reason": reason, "loss": loss,
+                       "min_loss": state["min_loss"]})
+        return TrainingDiverged(message, step, last_ckpt)
+
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (main and tc.progress), file=sys.stderr)
     try:
@@ -445,31 +451,29 @@ def _train(tc: TrainConfig, env: D.DistEnv, objective: D.Objective | None = None
                        schedule=tc.schedule, decay_frac=tc.decay_frac)
             set_lr(opt, lr)
             loss_sum = torch.zeros((), device=env.device)
-            monitor = OutputMonitor(model).__enter__() if main and _due(step + 1, tc.monitor_every) else None
-            for micro in range(tc.grad_accum):
-                x, y = train_ds.get_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed,
-                                          env.rank, env.world_size)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                with D.grad_sync(module, env, sync=micro == tc.grad_accum - 1):
-                    with autocast():
-                        loss = module(x, y)
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach().float()
+            monitored = main and _due(step + 1, tc.monitor_every)
+            with OutputMonitor(model) if monitored else contextlib.nullcontext() as monitor:
+                for micro in range(tc.grad_accum):
+                    x, y = train_ds.get_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed,
+                                              env.rank, env.world_size)
+                    x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                    with D.grad_sync(module, env, sync=micro == tc.grad_accum - 1):
+                        with autocast():
+                            loss = module(x, y)
+                        (loss / tc.grad_accum).backward()
+                    loss_sum += loss.detach().float()
             loss_mean = D.all_reduce_mean(loss_sum / tc.grad_accum, env)
             gnorm = clip_grad_norm(model.parameters(), tc.grad_clip)
             loss_v, gnorm_v = torch.stack([loss_mean, gnorm.float().to(loss_mean.device)]).tolist()
             done = step + 1
             if monitor is not None:
-                monitor.__exit__(None, None, None)
                 metrics.write({"kind": "monitor", "step": done, "loss": loss_v, **monitor.summary()})
             diverged = _divergence(loss_v, state["min_loss"], tc.diverge_factor)
             if diverged is not None:
-                metrics.write({"kind": "diverged", "step": done, "reason": diverged, "loss": loss_v,
-                               "min_loss": state["min_loss"]})
-                raise TrainingDiverged(
-                    f"training diverged at step {done}: {diverged}. Stopped without updating; checkpoints are "
-                    f"untouched (latest: {last_ckpt or 'none'}); lower the learning rate or add a stability "
-                    "option (qk_norm, qkv_norm, attn_logit_softcap).", done, last_ckpt)
+                raise stop_diverged(done, diverged, loss_v,
+                                    f"training diverged at step {done}: {diverged}. Stopped without updating; "
+                                    f"checkpoints are untouched (latest: {last_ckpt or 'none'}); lower the learning "
+                                    "rate or add a stability option (qk_norm, qkv_norm, attn_logit_softcap).")
             if math.isfinite(loss_v):
                 state["min_loss"] = loss_v if state["min_loss"] is None else min(state["min_loss"], loss_v)
             if math.isfinite(loss_v) and math.isfinite(gnorm_v):
@@ -484,13 +488,11 @@ def _train(tc: TrainConfig, env: D.DistEnv, objective: D.Objective | None = None
                 metrics.write({"kind": "skip", "step": done, "reason": reason})
                 _say(env, f"step {done}: {reason}; skipped the update")
                 if state["bad_steps"] >= tc.max_bad_steps:
-                    metrics.write({"kind": "diverged", "step": done, "reason": reason, "loss": loss_v,
-                                   "min_loss": state["min_loss"]})
-                    raise TrainingDiverged(
-                        f"training diverged: {state['bad_steps']} consecutive steps (up to step {done}) had a "
-                        f"non-finite loss or gradient norm, last: {reason}. Checkpoints are untouched (latest: "
-                        f"{last_ckpt or 'none'}); lower the learning rate or resume from the latest checkpoint.",
-                        done, last_ckpt)
+                    raise stop_diverged(done, reason, loss_v,
+                                        f"training diverged: {state['bad_steps']} consecutive steps (up to step "
+                                        f"{done}) had a non-finite loss or gradient norm, last: {reason}. Checkpoints "
+                                        f"are untouched (latest: {last_ckpt or 'none'}); lower the learning rate or "
+                                        "resume from the latest checkpoint.")
             opt.zero_grad(set_to_none=True)
             state["step"] = done
             state["tokens"] += tokens_per_step
