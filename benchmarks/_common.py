@@ -85,7 +85,7 @@ def hybrid_and_twin(args: argparse.Namespace):
     Prints one line per model; returns (hybrid_cfg, twin_cfg, hybrid_params, twin_params).
     """
     from hybridlm.config import preset
-    from hybridlm.info import param_matched_twin
+    from hybridlm.model.info import param_matched_twin
     from hybridlm.model import count_params
     cfg = preset(args.preset, **({"pattern": args.pattern} if args.pattern else {}))
     twin = param_matched_twin(cfg, args.param_tol)

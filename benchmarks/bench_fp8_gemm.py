@@ -8,7 +8,7 @@ For each size d: an (M=tokens, K=d) x (K=d, N=d) GEMM, timed with CUDA events (m
     fp8 + quantize  the same plus per-tensor current scaling of both operands (amax, scale,
                     cast): what a training step with `--precision fp8` pays per GEMM here
 
-and checks the FP8 result against the simulation of `hybridlm.fp8` (exact E4M3 values,
+and checks the FP8 result against the simulation of `hybridlm.lowp.fp8` (exact E4M3 values,
 FP32 matmul). The goal from the issue: >= 1.5x for the GEMM at d = 4096 and 8192 on an H100.
 
     python benchmarks/bench_fp8_gemm.py                      # d = 4096, 8192; tokens = 8192
@@ -26,7 +26,7 @@ import torch
 
 from _common import environment_line, write_json  # noqa: E402  (also puts src/ on sys.path)
 
-from hybridlm import fp8  # noqa: E402
+from hybridlm.lowp import fp8  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

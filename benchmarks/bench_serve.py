@@ -1,6 +1,6 @@
 """Serving throughput and latency: a hybrid preset vs its parameter-matched Transformer twin.
 
-Both models are served by the same continuous-batching `Engine` (hybridlm.engine) under
+Both models are served by the same continuous-batching `Engine` (hybridlm.serve.engine) under
 the same closed-loop load: `--concurrency` clients, each sending a request (a random
 prompt of P tokens, greedy, exactly O new tokens: no EOS) and the next one as soon as
 its answer is complete, until `--requests` requests are done. The engine's batch holds
@@ -38,10 +38,10 @@ from tqdm import tqdm
 from _common import (cpu_pressure_us, environment_line, hybrid_and_twin, parse_common,  # noqa: E402
                      report_contention, sync, twin_parser, write_json)  # (also puts src/ on sys.path)
 
-from hybridlm.engine import Engine, Request, RequestOutput  # noqa: E402
-from hybridlm.generation import SamplingParams  # noqa: E402
-from hybridlm.info import kv_bytes_per_token, mamba_state_bytes  # noqa: E402
 from hybridlm.model import HybridLM  # noqa: E402
+from hybridlm.model.info import kv_bytes_per_token, mamba_state_bytes  # noqa: E402
+from hybridlm.serve.engine import Engine, Request, RequestOutput  # noqa: E402
+from hybridlm.serve.sampling import SamplingParams  # noqa: E402
 
 MiB = 2**20
 

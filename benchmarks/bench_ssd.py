@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402  (also puts src/ on sys.path)
 
-from hybridlm.ssd import ssd_chunked, ssd_sequential  # noqa: E402
+from hybridlm.model.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

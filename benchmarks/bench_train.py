@@ -2,8 +2,8 @@
 
 The transformer twin replaces every Mamba-2 layer (``M``) by attention (``*``) and widens
 ``ffn_dim`` until the parameter counts match (within 2%). One timed step is exactly a
-training step of :func:`hybridlm.training.train`: forward + loss, backward, global
-gradient-norm clipping and the AdamW step (decay groups of :mod:`hybridlm.optim`), on
+training step of :func:`hybridlm.training.loop.train`: forward + loss, backward, global
+gradient-norm clipping and the AdamW step (decay groups of :mod:`hybridlm.training.optim`), on
 random tokens. Warm-up steps come first; the two models then take turns step by step
 (so a busy machine slows both alike) and the reported time is each one's median step.
 
@@ -30,9 +30,9 @@ import torch
 from _common import write_json  # noqa: E402  (also puts src/ on sys.path)
 
 from hybridlm.config import HybridConfig, preset  # noqa: E402
-from hybridlm.info import param_matched_twin  # noqa: E402
 from hybridlm.model import HybridLM  # noqa: E402
-from hybridlm.optim import build_optimizer, clip_grad_norm  # noqa: E402
+from hybridlm.model.info import param_matched_twin  # noqa: E402
+from hybridlm.training.optim import build_optimizer, clip_grad_norm  # noqa: E402
 
 # ~125M parameters (24 layers: 8 Mamba-2, 4 attention, 12 MLP), GPT-2-small width.
 HYBRID_125M = dict(vocab_size=32768, d_model=768, pattern="M-M-*-M-M-*-M-M-*-M-M-*-", n_heads=12, n_kv_heads=4,

@@ -30,16 +30,18 @@ import torch
 
 from _common import parse_common, write_json  # noqa: E402  (also puts src/ on sys.path)
 
-from hybridlm.checkpoint import load_model, save_model  # noqa: E402
+from hybridlm.compress.distill import DistillConfig, distill  # noqa: E402
+from hybridlm.compress.importance import Importance, calibration_batches, compute_importance  # noqa: E402
+from hybridlm.compress.planner import describe_spec, format_plan, parse_bytes, search_architecture  # noqa: E402
+from hybridlm.compress.pruning import param_count, prune_model  # noqa: E402
+from hybridlm.compress.search import search_spec  # noqa: E402
 from hybridlm.config import preset  # noqa: E402
-from hybridlm.data import TokenDataset  # noqa: E402
-from hybridlm.distill import DistillConfig, distill  # noqa: E402
-from hybridlm.distributed import DistEnv  # noqa: E402
-from hybridlm.importance import Importance, calibration_batches, compute_importance  # noqa: E402
-from hybridlm.info import human_bytes  # noqa: E402
-from hybridlm.planner import describe_spec, format_plan, parse_bytes, search_architecture  # noqa: E402
-from hybridlm.pruning import param_count, prune_model, search_spec  # noqa: E402
-from hybridlm.training import TrainConfig, evaluate, read_metrics, train  # noqa: E402
+from hybridlm.interop.checkpoint import load_model, save_model  # noqa: E402
+from hybridlm.model.info import human_bytes  # noqa: E402
+from hybridlm.training import TrainConfig, evaluate, train  # noqa: E402
+from hybridlm.training.dataset import TokenDataset  # noqa: E402
+from hybridlm.training.distributed import DistEnv  # noqa: E402
+from hybridlm.training.metrics import read_metrics  # noqa: E402
 
 TEACHER = dict(d_model=192, pattern="M-M-*-M-M-*-", n_heads=4, n_kv_heads=2, head_dim=48, ffn_dim=768,
                ssm_state=32, mamba_head_dim=32, n_groups=2, chunk_size=64, max_seq_len=2048)
@@ -61,7 +63,7 @@ def teacher_run(out: Path, steps: int) -> Path:
 
 
 def val_loss(model, data: Path) -> float:
-    env = DistEnv("none", 0, 1, 0, torch.device("cpu"), False)
+    env = DistEnv.single("cpu")
     return evaluate(model, TokenDataset(data, "val"), BATCH, SEQ, EVAL_BATCHES, env)
 
 

@@ -13,7 +13,7 @@ Runs (same data, seed, schedule; only `precision` / `high_precision_layers` diff
     bf16-seed1         bf16 and nvfp4 again with another seed (weights and data order): the run-to-run
     nvfp4-seed1        noise floor for the gaps
 
-Each run trains with :func:`hybridlm.training.train` into ``OUT/<run>/`` and leaves
+Each run trains with :func:`hybridlm.training.loop.train` into ``OUT/<run>/`` and leaves
 ``OUT/<run>/result.json``; a re-run skips finished runs (and resumes an interrupted one
 from its checkpoint). The final weights are also evaluated without quantization (the
 checkpoint is plain). Then the per-step cost of the simulation is measured side by side
@@ -36,15 +36,18 @@ import torch
 
 from _common import cpu_pressure_us, environment_line, parse_common, report_contention, sync, write_json  # noqa: E402
 
-from hybridlm.checkpoint import load_model  # noqa: E402
 from hybridlm.config import HybridConfig  # noqa: E402
-from hybridlm.data import META_FILE, TokenDataset, default_corpus_path, prepare_shards  # noqa: E402
-from hybridlm.distributed import DistEnv  # noqa: E402
-from hybridlm.low_precision import apply_recipe  # noqa: E402
+from hybridlm.interop.checkpoint import load_model  # noqa: E402
+from hybridlm.lowp.linear import apply_recipe  # noqa: E402
 from hybridlm.model import HybridLM  # noqa: E402
-from hybridlm.optim import build_optimizer, clip_grad_norm  # noqa: E402
-from hybridlm.tokenizer import default_tokenizer  # noqa: E402
-from hybridlm.training import TrainConfig, evaluate, read_metrics, train  # noqa: E402
+from hybridlm.training import TrainConfig, evaluate, train  # noqa: E402
+from hybridlm.training.corpus import default_corpus_path  # noqa: E402
+from hybridlm.training.dataset import TokenDataset  # noqa: E402
+from hybridlm.training.distributed import DistEnv  # noqa: E402
+from hybridlm.training.metrics import read_metrics  # noqa: E402
+from hybridlm.training.optim import build_optimizer, clip_grad_norm  # noqa: E402
+from hybridlm.training.shards import META_FILE, prepare_shards  # noqa: E402
+from hybridlm.training.tokenizer import default_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 blocks (3 Mamba-2, 4 MLP, 1 attention), d_model 128: ~2M parameters, 1.05M of them in the embeddings + head
@@ -114,7 +117,7 @@ def run_one(name: str, a: argparse.Namespace, data: Path, model_file: Path) -> d
     summary = train(tc)
     wall = time.perf_counter() - t0
     model = load_model(Path(tc.out) / "final")  # plain weights: evaluated without any quantization
-    env = DistEnv("none", 0, 1, 0, torch.device("cpu"), False)
+    env = DistEnv.single("cpu")
     plain = evaluate(model, TokenDataset(data, "val"), tc.batch_size, tc.seq_len, tc.eval_batches, env)
     probe = HybridLM(model.cfg)
     applied = apply_recipe(probe, tc.precision, tc.high_precision_layers)
@@ -175,7 +178,7 @@ def gemm_errors(ckpt: Path, data: Path, a: argparse.Namespace, draws: int = 16) 
                      dgrad, with stochastic rounding (unbiased: shrinks with more draws) and with RNE;
       weight_mismatch  ||W_q(fprop) - W_q(dgrad)|| / ||W||: 0 with 16x16 blocks, > 0 with 1x16.
     """
-    from hybridlm import nvfp4
+    from hybridlm.lowp import nvfp4
     q = nvfp4.fake_quantize
     model = load_model(ckpt).train()
     captured: dict[str, dict] = {}

@@ -10,7 +10,7 @@
 4. The boundary (LR_ok / 1.5, LR_ok, LR_div) again for the baseline, QKV-norm and softcap with
    more seeds (--seeds): divergence here is a random spike in the first ~15 steps.
 
-Every run is an ordinary `hybridlm.sweep` run directory under --out, so re-running the script
+Every run is an ordinary `hybridlm.training.sweep` run directory under --out, so re-running the script
 skips finished runs (and resumes interrupted ones).
 
     python benchmarks/exp_stability.py --threads 1            # ~15-25 min on a 2-core CPU
@@ -34,9 +34,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from hybridlm.config import HybridConfig  # noqa: E402
-from hybridlm.report import _save, plot_monitor  # noqa: E402
-from hybridlm.sweep import markdown_table, plot_loss_vs_lr, run_dir_name, sweep_lr  # noqa: E402
-from hybridlm.training import TrainConfig, read_metrics  # noqa: E402
+from hybridlm.plotting import save_figure  # noqa: E402
+from hybridlm.training.metrics import read_metrics  # noqa: E402
+from hybridlm.training.report import plot_monitor  # noqa: E402
+from hybridlm.training.sweep import markdown_table, plot_loss_vs_lr, run_dir_name, sweep_lr  # noqa: E402
+from hybridlm.training.train_config import TrainConfig  # noqa: E402
 
 # A small hybrid with two attention layers (the stability options act on attention and MLP layers).
 MODEL = dict(vocab_size=4096, d_model=128, pattern="*-M-*-", n_heads=4, n_kv_heads=2, head_dim=32,
@@ -139,7 +141,7 @@ def plot_loss_curves(out: Path, variants: list[str], lr: float, path: Path) -> N
            xscale="symlog", xlim=(1, None))
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small token-shard directory cut from the bundled corpus."""
+"""Shared fixtures: a small token-shard directory cut from the bundled corpus, a tiny model config file,
+one intra-op thread, exact (non-TF32) CUDA matmuls."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hybridlm.data import default_corpus_path, prepare_shards, read_documents
-from hybridlm.tokenizer import default_tokenizer
+from hybridlm.training.corpus import default_corpus_path, read_documents
+from hybridlm.training.shards import prepare_shards
+from hybridlm.training.tokenizer import default_tokenizer
+
+from helpers import TINY_MODEL
 
 SMALL_CORPUS_CHARS = 200_000  # ~50k tokens: the first books of Genesis
 
@@ -25,10 +29,6 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "shards"
     prepare_shards(corpus, default_tokenizer(), out, val_fraction=0.1, progress=False)
     return out
-
-
-TINY_MODEL = dict(vocab_size=4096, d_model=64, pattern="M-*-", n_heads=2, n_kv_heads=1, head_dim=32,
-                  ffn_dim=128, ssm_state=16, mamba_head_dim=16, n_groups=1, chunk_size=16)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +51,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_tf32():
+    """Exact float32 CUDA matmuls (TF32 off) for one test; the previous setting is restored."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before

@@ -1,9 +1,14 @@
 """Small shared builders for the tests."""
 
 import torch
+import torch.nn.functional as F
 
 from hybridlm.config import HybridConfig, preset
 from hybridlm.model import HybridLM
+
+# a ~0.6M-parameter model (M, MLP, attention, MLP) on the default 4096-token vocabulary
+TINY_MODEL = dict(vocab_size=4096, d_model=64, pattern="M-*-", n_heads=2, n_kv_heads=1, head_dim=32,
+                  ffn_dim=128, ssm_state=16, mamba_head_dim=16, n_groups=1, chunk_size=16)
 
 
 def small_config(**overrides) -> HybridConfig:
@@ -32,3 +37,42 @@ def left_padded_pair(len_a: int, len_b: int, seed: int, vocab: int = 97):
     mask = torch.ones(2, len_a, dtype=torch.bool)
     mask[1, :len_a - len_b] = False
     return a, b, ids, mask
+
+
+ALL_ON = dict(qk_norm="layernorm", post_proj_norm="rmsnorm", post_fc2_norm="layernorm",
+              mamba_out_norm="rmsnorm", attn_logit_softcap=2.0)
+
+
+def one_layer(pattern: str, seed: int = 0, **options) -> HybridLM:
+    """A float64 model with random (not identity) weights in every norm, including the new ones.
+
+    (Norms compute in float32, as in the reference implementation, hence tolerances of 1e-6.)"""
+    torch.manual_seed(seed)
+    model = HybridLM(small_config(pattern=pattern, **options)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def ids_for(model: HybridLM, b: int = 2, l: int = 11, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, model.cfg.vocab_size, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- stability options: float64 one-layer models and hand computations ----
+def rms(x, w, eps=1e-5):
+    return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def norm_of(module, x):
+    """The stability norm `module` (RMSNorm or LayerNorm), written out by hand."""
+    if hasattr(module, "bias"):
+        mu = x.mean(-1, keepdim=True)
+        var = (x - mu).pow(2).mean(-1, keepdim=True)
+        return module.weight * (x - mu) / torch.sqrt(var + 1e-5) + module.bias
+    return rms(x, module.weight)
+
+
+def head_out(model, x):
+    return F.linear(rms(x, model.backbone.norm_f.weight), model.lm_head.weight)

@@ -59,3 +59,17 @@ def test_train_eval_generate_report_convert(tmp_path, small_shards, tiny_model_f
     assert main(["generate", "--hf", str(tmp_path / "hf"), "--prompt", "In the beginning",
                  "--max-new-tokens", "5", "--temperature", "0", "--tokenizer",
                  str(run / "final" / "tokenizer.json")]) == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "nonexistent"], "neither a preset"),
+    (["--model", "tiny", "--init-from", "/nonexistent/ck"], "checkpoint directory not found"),
+    (["--model", "tiny", "--precision", "fp7"], "precision"),
+])
+def test_train_checks_model_and_flags_before_any_data_work(flags, message, tmp_path, capsys):
+    """The bundled corpus would be tokenized into OUT/data: a bad model or flag must fail first."""
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (out / "data").exists()

@@ -63,7 +63,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of dataclass `cls` (bools take an optional true/false)."""
+    """One --flag per field of dataclass `cls` (bools take an optional true/false; a field's
+    ``metadata["choices"]`` limits its values)."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
@@ -80,7 +81,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
                                 help=help_text)
         elif base in (int, float, str):
-            parser.add_argument(flag, type=base, default=default, help=help_text)
+            parser.add_argument(flag, type=base, default=default, help=help_text, choices=f.metadata.get("choices"))
         else:
             raise TypeError(f"cannot make a CLI flag for {cls.__name__}.{f.name}: {typ}")
 
@@ -100,30 +101,35 @@ def add_model_source(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def load_config_from(args: argparse.Namespace):
-    from .checkpoint import read_config
     from .config import HybridConfig, preset
     if args.preset:
         return preset(args.preset)
     if args.config:
         return HybridConfig.load(args.config)
     if args.ckpt:
+        from .interop.checkpoint import read_config
         return read_config(args.ckpt)
-    from .hf_interop import read_hf_config
+    from .interop.hf_config import read_hf_config
     return read_hf_config(args.hf)
 
 
 def load_model_from(args: argparse.Namespace):
     import torch
-    from .checkpoint import load_model
-    from .model import HybridLM
     device = resolve_device(getattr(args, "device", "auto"))
     if args.ckpt:
+        from .interop.checkpoint import load_model
         return load_model(args.ckpt, device=device)
     if args.hf:
-        from .hf_interop import load_hf_dir
+        from .interop.hf_weights import load_hf_dir
         return load_hf_dir(args.hf, device=device)
+    from .model.lm import HybridLM
     torch.manual_seed(getattr(args, "seed", 0) or 0)
     return HybridLM(load_config_from(args)).to(device).eval()
+
+
+def model_source(args: argparse.Namespace) -> str:
+    """The --ckpt / --hf / --preset / --config value, for messages and provenance."""
+    return args.ckpt or args.hf or args.preset or args.config
 
 
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +138,7 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 def corpus_paths(args: argparse.Namespace) -> list:
     """The --data paths, or the bundled corpus."""
-    from .data import default_corpus_path
+    from .training.corpus import default_corpus_path
     return args.data or [default_corpus_path()]
 
 
@@ -146,7 +152,7 @@ def resolve_device(name: str | None) -> str:
 
 
 def load_tokenizer_for(args: argparse.Namespace):
-    from .tokenizer import Tokenizer, default_tokenizer
+    from .training.tokenizer import Tokenizer, default_tokenizer
     if getattr(args, "tokenizer", None):
         return Tokenizer.from_file(args.tokenizer)
     for d in (args.ckpt, args.hf):
@@ -164,7 +170,7 @@ def _info(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp8, nvfp4")
 
     def run(a):
-        from .info import format_info
+        from .model.info import format_info
         contexts = tuple(int(c) for c in a.contexts.split(",") if c)
         print(format_info(load_config_from(a), a.preset, contexts, a.batch, a.dtype))
     return run
@@ -183,7 +189,8 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto")
 
     def run(a):
-        from .generation import SamplingParams, generate_text
+        from .serve.generation import generate_text
+        from .serve.sampling import SamplingParams
         model, tok = load_model_from(a), load_tokenizer_for(a)
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
@@ -202,7 +209,7 @@ def _convert(p: argparse.ArgumentParser):
                    help="target format (default: the other one)")
 
     def run(a):
-        from .hf_interop import convert
+        from .interop.convert import convert
         out = convert(a.src, a.dst, to=a.to)
         print(f"wrote {out}")
     return run
@@ -216,7 +223,7 @@ def _tokenizer(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
 
     def run(a):
-        from .tokenizer import train_tokenizer
+        from .training.tokenizer import train_tokenizer
         tok = train_tokenizer(corpus_paths(a), a.vocab_size, Path(a.out))
         print(f"wrote {a.out} ({tok.vocab_size} tokens)")
     return run
@@ -231,8 +238,8 @@ def _data(p: argparse.ArgumentParser):
     p.add_argument("--val-fraction", type=float, default=0.01)
 
     def run(a):
-        from .data import prepare_shards
-        from .tokenizer import Tokenizer, default_tokenizer
+        from .training.shards import prepare_shards
+        from .training.tokenizer import Tokenizer, default_tokenizer
         tok = Tokenizer.from_file(a.tokenizer) if a.tokenizer else default_tokenizer()
         meta = prepare_shards(corpus_paths(a), tok, a.out, val_fraction=a.val_fraction)
         print(f"wrote {a.out}: {meta}")
@@ -241,11 +248,12 @@ def _data(p: argparse.ArgumentParser):
 
 @command("train", "train a model on local text (progress, checkpoints, resume, DDP/FSDP2 under torchrun)")
 def _train(p: argparse.ArgumentParser):
-    from .training import TrainConfig
+    from .training.train_config import TrainConfig
     add_dataclass_args(p, TrainConfig)
 
     def run(a):
-        from .training import TrainConfig, TrainingDiverged, train
+        from .training.divergence import TrainingDiverged
+        from .training.loop import train
         try:
             s = train(dataclass_from_args(TrainConfig, a))
         except TrainingDiverged as e:
@@ -269,15 +277,14 @@ def _eval(p: argparse.ArgumentParser):
     def run(a):
         import math
 
-        from .data import TokenDataset
-        from .distributed import DistEnv
-        from .training import evaluate
+        from .training.dataset import TokenDataset
+        from .training.distributed import DistEnv
+        from .training.loop import evaluate
         model = load_model_from(a)
         data = TokenDataset(a.data, split=a.split)
         if data.vocab_size and data.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"data was tokenized with {data.vocab_size} tokens, the model has {model.cfg.vocab_size}")
-        env = DistEnv("none", 0, 1, 0, model.lm_head.weight.device, False)
-        loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, env)
+        loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, DistEnv.single(model.lm_head.weight.device))
         print(f"{a.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
     return run
 
@@ -289,7 +296,7 @@ def _report(p: argparse.ArgumentParser):
     p.add_argument("--max-new-tokens", type=int, default=60)
 
     def run(a):
-        from .report import sample_run, write_report
+        from .training.report import sample_run, write_report
         prompts = a.prompt or ["In the beginning", "And it came to pass"]
         print(f"wrote {write_report(a.run_dir, sample_run(a.run_dir, prompts, a.max_new_tokens))}")
     return run
@@ -299,11 +306,12 @@ def _report(p: argparse.ArgumentParser):
 @command("quant-inspect", "what FP8 / NVFP4 quantization does to a weight or a synthetic tensor "
          "(block scales, clipped / flushed fractions, error)")
 def _quant_inspect(p: argparse.ArgumentParser):
+    from .lowp.inspection import DISTRIBUTIONS
     add_model_source(p, required=False)
     p.add_argument("--tensor", help="parameter name, e.g. backbone.layers.0.mixer.in_proj.weight "
                    "(default with a model: a summary line for every block linear weight)")
     p.add_argument("--random", metavar="ROWSxCOLS", help="inspect a synthetic tensor of this shape instead")
-    p.add_argument("--dist", default="normal", choices=["normal", "student-t", "lognormal"],
+    p.add_argument("--dist", default="normal", choices=DISTRIBUTIONS,
                    help="distribution of --random (student-t: heavy tails, df=3)")
     p.add_argument("--format", default="nvfp4", choices=["fp8", "nvfp4"])
     p.add_argument("--block", default="auto", choices=["auto", "1x16", "16x16"],
@@ -313,9 +321,8 @@ def _quant_inspect(p: argparse.ArgumentParser):
     p.add_argument("--plot", help="also write a histogram PNG here")
 
     def run(a):
-        import torch
-        from .low_precision import plot_inspect, quant_inspect
-        from .nvfp4 import apply_rht
+        from .lowp.inspection import model_weights, plot_inspect, quant_inspect, random_tensor, summary_table
+        from .lowp.nvfp4 import apply_rht
         model_given = any(getattr(a, k) for k in ("ckpt", "hf", "preset", "config"))
         if model_given == bool(a.random):
             raise ValueError("give exactly one of a model (--ckpt/--hf/--preset/--config) or --random ROWSxCOLS")
@@ -323,31 +330,10 @@ def _quant_inspect(p: argparse.ArgumentParser):
         block_t = tuple(int(v) for v in block.split("x"))
         rht = a.seed if a.rht else None
         if a.random:
-            try:
-                shape = tuple(int(v) for v in a.random.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"--random must look like 256x1024, got {a.random!r}") from None
-            if len(shape) != 2 or min(shape) < 1:
-                raise ValueError(f"--random must be two positive sizes like 256x1024, got {a.random!r}")
-            gen = torch.Generator().manual_seed(a.seed)
-            x = torch.randn(shape, generator=gen)
-            if a.dist == "student-t":
-                chi2 = torch.randn((3, *shape), generator=gen).square().sum(0)
-                x = x / (chi2 / 3).sqrt()
-            elif a.dist == "lognormal":
-                x = x.exp() * torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
-            tensors = {f"random {a.dist} {shape[0]}x{shape[1]}": x}
+            tensors = dict([random_tensor(a.random, a.dist, a.seed)])
         else:
             a.device = "cpu"
-            model = load_model_from(a)
-            params = dict(model.named_parameters())
-            if a.tensor:
-                if a.tensor not in params:
-                    raise ValueError(f"no parameter {a.tensor!r}; linear weights are e.g. "
-                                     f"{', '.join(n for n in params if n.endswith('proj.weight'))[:300]}")
-                tensors = {a.tensor: params[a.tensor]}
-            else:
-                tensors = {n: w for n, w in params.items() if n.startswith("backbone.layers.") and w.dim() == 2}
+            tensors = model_weights(load_model_from(a), a.tensor)
         if len(tensors) == 1:
             (name, x), = tensors.items()
             report, deq = quant_inspect(x, a.format, block_t, rht, name=name)
@@ -356,11 +342,7 @@ def _quant_inspect(p: argparse.ArgumentParser):
                 shown = x if rht is None else apply_rht(x.detach().float(), rht, -1)
                 print(f"wrote {plot_inspect(shown, deq, report, a.plot)}")
             return
-        print(f"{'weight':<44} {'shape':>12} {'rel err':>8} {'SQNR dB':>8} {'clipped%':>9} {'flushed%':>9}")
-        for name, x in tensors.items():
-            r, _ = quant_inspect(x, a.format, block_t, rht, name=name)
-            print(f"{name:<44} {'x'.join(map(str, r.shape)):>12} {r.rel_error:8.4f} {r.sqnr_db:8.2f} "
-                  f"{100 * r.frac_clipped:9.3f} {100 * r.frac_flushed:9.3f}")
+        print(summary_table(tensors, a.format, block_t, rht))
         print(f"format {a.format}" + (f" {block}" if a.format == "nvfp4" else "") + (" +RHT" if a.rht else "")
               + "; --tensor NAME for block scales and value usage of one weight")
     return run
@@ -369,8 +351,8 @@ def _quant_inspect(p: argparse.ArgumentParser):
 # ---- training stability: sweep-lr ------------------------------------------------
 @command("sweep-lr", "train one model per stability variant x learning rate; table + plot of final loss vs LR")
 def _sweep_lr(p: argparse.ArgumentParser):
-    from .sweep import VARIANTS
-    from .training import TrainConfig
+    from .training.sweep import VARIANTS
+    from .training.train_config import TrainConfig
     p.add_argument("--out", default="runs/sweep-lr", help="sweep directory (one sub-directory per run; "
                    "finished runs are skipped when the sweep is re-run)")
     p.add_argument("--variants", default="qk_norm,qk_post_norm,qkv_norm,qk_norm_softcap",
@@ -385,7 +367,7 @@ def _sweep_lr(p: argparse.ArgumentParser):
     def run(a):
         import torch
 
-        from .sweep import parse_list, sweep_lr
+        from .training.sweep import parse_list, sweep_lr
         if a.threads:
             torch.set_num_threads(a.threads)
         rows = sweep_lr(dataclass_from_args(TrainConfig, a), a.out, parse_list(a.variants, "--variants"),
@@ -399,90 +381,40 @@ def _sweep_lr(p: argparse.ArgumentParser):
 # ---- compression: prune, distill, plan -------------------------------------------
 @command("prune", "Minitron-style width/depth pruning from calibration activations (writes a checkpoint)")
 def _prune(p: argparse.ArgumentParser):
+    from .compress.pipeline import PruneConfig
     add_model_source(p)
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--data", help="prepared shard directory for the calibration set (not needed with --importance)")
-    p.add_argument("--target-params", help="parameter budget: 0.7x, 70%%, 3.2M, 9B ... (searches the shape)")
-    p.add_argument("--axes", default="both", choices=["width", "depth", "both", "mixed"],
-                   help="what --target-params may prune (both: either or both; mixed: both at once)")
-    p.add_argument("--tolerance", type=float, default=0.03, help="accept shapes within this fraction below the target")
-    for name in ("d-model", "ffn-dim", "mamba-heads", "n-heads", "n-kv-heads"):
-        p.add_argument(f"--{name}", type=int, help=f"explicit new {name.replace('-', '_')} (default: keep)")
-    p.add_argument("--drop-layers", help="explicit comma-separated layer indices to drop, e.g. 3,7")
-    p.add_argument("--n-drop", type=int, default=0, help="drop the N least important layers (depth KL); with "
-                   "--target-params: exactly N, and width is searched for the rest")
-    p.add_argument("--importance", help="importance.json of an earlier prune of the same model (skips calibration)")
-    p.add_argument("--calib-seqs", type=int, default=256, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_dataclass_args(p, PruneConfig)
     p.add_argument("--device", default="auto")
 
     def run(a):
-        import json
-        import shutil
-
-        from .checkpoint import save_model
-        from .data import TokenDataset
-        from .importance import Importance, calibration_batches, compute_importance
-        from .pruning import calibration_kl, choose_spec, param_count, parse_target, prune_model
-        explicit = {k: getattr(a, k) for k in ("d_model", "ffn_dim", "mamba_heads", "n_heads", "n_kv_heads")
-                    if getattr(a, k) is not None}
-        if a.target_params and (explicit or a.drop_layers):
-            raise ValueError("give either --target-params (optionally with --n-drop) or an explicit --d-model/"
-                             "--ffn-dim/--mamba-heads/--n-heads/--n-kv-heads/--drop-layers, not both")
-        if not a.target_params and not (explicit or a.drop_layers or a.n_drop):
-            raise ValueError("nothing to prune: give --target-params or an explicit new shape (see --help)")
-        model = load_model_from(a)
-        cfg = model.cfg
-        target = parse_target(a.target_params, param_count(cfg)) if a.target_params else None
-        batches = None
-        if a.data:
-            data = TokenDataset(a.data, "train")
-            if data.vocab_size and data.vocab_size > cfg.vocab_size:
-                raise ValueError(f"data was tokenized with {data.vocab_size} tokens, the model has {cfg.vocab_size}")
-            batches = [(x.to(model.lm_head.weight.device), y) for x, y in
-                       calibration_batches(data, a.calib_seqs, a.seq_len, a.batch_size)]
-        if a.importance:
-            imp = Importance.load(a.importance)
-        elif batches is None:
-            raise ValueError("--data (a prepared shard directory) is required to compute importance scores")
-        else:
-            imp = compute_importance(model, batches, depth=True, progress=True)
-        drop = tuple(int(i) for i in a.drop_layers.split(",") if i.strip()) if a.drop_layers else ()
-        spec, table = choose_spec(cfg, imp, target, explicit, drop, a.n_drop, a.axes, a.tolerance, model, batches)
-        pruned = prune_model(model, imp, spec).eval()
-        src = a.ckpt or a.hf or a.preset or a.config
-        out = save_model(pruned, a.out, extra={"pruned_from": str(src), "prune_spec": spec.to_dict()})
-        imp.save(out / "importance.json")
-        if table is not None:
-            (out / "prune_search.json").write_text(json.dumps(table[:50], indent=2) + "\n")
-        for d in (a.ckpt, a.hf):
-            if d and (Path(d) / "tokenizer.json").is_file():
-                shutil.copyfile(Path(d) / "tokenizer.json", out / "tokenizer.json")
-        n0, n1 = model.num_params(), pruned.num_params()
-        print(f"pruned {n0:,} -> {n1:,} parameters ({n1 / n0:.1%}): pattern {pruned.cfg.pattern}, d_model "
-              f"{pruned.cfg.d_model}, ffn {pruned.cfg.ffn_dim}, mamba heads {pruned.cfg.mamba_heads}, heads "
-              f"{pruned.cfg.n_heads}/{pruned.cfg.n_kv_heads}")
-        if batches:
-            kl = table[0].get("kl") if table else None  # the search already measured its winner
-            kl = calibration_kl(model, pruned, batches) if kl is None else kl
-            print(f"calibration KL(original || pruned) {kl:.4f} nats/token")
-        print(f"wrote {out} (distill it: hybridlm distill --teacher {src} --student {out} --out RUN)")
+        from .compress.pipeline import prune
+        config = dataclass_from_args(PruneConfig, a)  # flag combinations are checked before any work
+        src = model_source(a)
+        r = prune(load_model_from(a), a.out, config, data=a.data, source=src)
+        c = r.model.cfg
+        print(f"pruned {r.params_before:,} -> {r.params_after:,} parameters ({r.params_after / r.params_before:.1%}): "
+              f"pattern {c.pattern}, d_model {c.d_model}, ffn {c.ffn_dim}, mamba heads {c.mamba_heads}, heads "
+              f"{c.n_heads}/{c.n_kv_heads}")
+        if r.kl is not None:
+            print(f"calibration KL(original || pruned) {r.kl:.4f} nats/token")
+        print(f"wrote {r.out} (distill it: hybridlm distill --teacher {src} --student {r.out} --out RUN)")
     return run
 
 
 @command("distill", "knowledge distillation (forward KL on logits) of a student from a teacher, with the training loop")
 def _distill(p: argparse.ArgumentParser):
-    from .distill import DistillConfig
-    from .training import TrainConfig
+    from .compress.distill import DistillConfig
+    from .training.train_config import TrainConfig
     p.add_argument("--student", required=True, help="student checkpoint directory (e.g. the output of prune)")
     add_dataclass_args(p, DistillConfig)
     add_dataclass_args(p, TrainConfig, skip=("model", "init_from"))
 
     def run(a):
-        from .checkpoint import read_config
-        from .distill import distill
-        from .training import TrainingDiverged
+        from .compress.distill import distill
+        from .interop.checkpoint import read_config
+        from .training.divergence import TrainingDiverged
         read_config(a.student)  # clear error for a missing or foreign student directory
         tc = dataclass_from_args(TrainConfig, a, model=a.student, init_from=a.student)
         try:
@@ -512,14 +444,14 @@ def _plan(p: argparse.ArgumentParser):
     p.add_argument("--top", type=int, default=5, help="candidates to list")
 
     def run(a):
-        from .importance import Importance
-        from .info import human_bytes
-        from .planner import describe_spec, format_plan, parse_bytes, search_architecture
+        from .compress.importance import Importance
+        from .compress.planner import describe_spec, format_plan, parse_bytes, search_architecture
+        from .model.info import human_bytes
         cfg = load_config_from(a)
         budget = parse_bytes(a.gpu_mem) - (parse_bytes(a.reserve) if a.reserve else 0)
         if budget <= 0:
             raise ValueError(f"--reserve {a.reserve} leaves nothing of --gpu-mem {a.gpu_mem}")
-        name = a.preset or a.ckpt or a.hf or a.config
+        name = model_source(a)
         print(format_plan(cfg, name, budget, a.context, a.batch, a.dtype, a.prefill_chunk))
         if not a.search:
             return
@@ -565,9 +497,9 @@ def _serve(p: argparse.ArgumentParser):
         if a.threads:
             torch.set_num_threads(a.threads)
         model, tok = load_model_from(a), load_tokenizer_for(a)
-        from .engine import Engine
-        from .server import ServerSettings, create_app, serve
-        name = a.model_name or Path(a.ckpt or a.hf or a.preset or a.config).name.removesuffix(".json")
+        from .serve.app import ServerSettings, create_app, serve
+        from .serve.engine import Engine
+        name = a.model_name or Path(model_source(a)).name.removesuffix(".json")
         engine = Engine(model, tok, max_batch=a.max_batch, max_queue=a.max_queue, max_model_len=a.max_model_len,
                         prefill_chunk=a.prefill_chunk)
         app = create_app(engine, tok, ServerSettings(model_name=name, max_request_bytes=a.max_request_bytes,

@@ -48,9 +48,9 @@ class HybridConfig:
     conv_bias: bool = True
     mamba_proj_bias: bool = False
     chunk_size: int = 64
-    time_step_min: float = 0.001  # dt init range; also the dt clamp (as in HF nemotron_h)
-    time_step_max: float = 0.1
-    time_step_floor: float = 1e-4
+    time_step_min: float = 0.001  # dt init range, low end (the dt clamp is time_step_limit)
+    time_step_max: float = 0.1    # dt init range, high end
+    time_step_floor: float = 1e-4  # smallest initial dt
     time_step_limit: tuple[float, float] = (0.0, math.inf)  # clamp on dt after softplus
     # misc
     norm_eps: float = 1e-5

@@ -15,9 +15,10 @@ import argparse
 import sys
 import time
 
-from .data import TokenDataset, unigram_entropy
-from .report import sample_run, write_report
-from .training import TrainConfig, train
+from .training.dataset import TokenDataset, unigram_entropy
+from .training.loop import train
+from .training.report import sample_run, write_report
+from .training.train_config import TrainConfig
 
 PROMPTS = ["In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;"]
 

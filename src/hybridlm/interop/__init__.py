@@ -1,0 +1,16 @@
+"""Interchange: our checkpoint format and Hugging Face Nemotron-H directories.
+
+    files.py       atomic writes, safetensors reads with errors that name the file
+    checkpoint.py  ours: config.json ({"hybridlm": ...}) + model.safetensors
+    hf_config.py   `NemotronHConfig` <-> `HybridConfig`
+    hf_weights.py  `NemotronHForCausalLM` weights, single-file or sharded
+    convert.py     `load` either format, `convert` between them
+"""
+
+from .checkpoint import load_model, read_config, save_model
+from .convert import convert, detect_format, load
+from .hf_config import hf_config_to_hybrid, hybrid_to_hf_config, read_hf_config
+from .hf_weights import load_hf_dir, save_hf_dir
+
+__all__ = ["convert", "detect_format", "hf_config_to_hybrid", "hybrid_to_hf_config", "load", "load_hf_dir",
+           "load_model", "read_config", "read_hf_config", "save_hf_dir", "save_model"]

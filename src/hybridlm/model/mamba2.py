@@ -1,0 +1,96 @@
+"""The Mamba-2 mixer (Nemotron-H `M` layer).
+
+in_proj -> [z, xBC, dt]; causal depthwise conv1d + SiLU on xBC = [x, B, C];
+dt = softplus(dt + dt_bias) clamped to `time_step_limit`; SSD scan with A = -exp(A_log)
+(one scalar per head), grouped B/C and a D skip; gated RMSNorm with z; out_proj; and,
+when `mamba_out_norm` is on (a training-stability option, off by default), a norm
+after out_proj (`out_norm`).
+
+The same code serves training (no state), prefill (state filled at the end) and
+decoding (one token: the recurrent `ssd_step`). Parameter names follow Hugging Face
+`NemotronHMamba2Mixer`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import HybridConfig
+from .cache import MambaState
+from .norms import GatedRMSNorm, make_norm, maybe_norm
+from .ssd import ssd_chunked, ssd_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: HybridConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner, self.conv_dim = cfg.d_inner, cfg.conv_dim
+        self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim,
+                                padding=cfg.conv_kernel - 1, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(cfg.mamba_heads))
+        self.A_log = nn.Parameter(torch.empty(cfg.mamba_heads))
+        self.D = nn.Parameter(torch.empty(cfg.mamba_heads))
+        self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // cfg.n_groups, cfg.norm_eps)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.mamba_proj_bias)
+        self.out_norm = make_norm(cfg.mamba_out_norm, cfg.d_model, cfg.norm_eps)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
+        """mamba_ssm init: A ~ U[1, 16], dt ~ logU[dt_min, dt_max] (stored as softplus^-1), D = 1."""
+        if self.A_log.is_meta:
+            return
+        cfg, h = self.cfg, self.cfg.mamba_heads
+        A = torch.empty(h).uniform_(1.0, 16.0, generator=generator)
+        self.A_log.copy_(torch.log(A))
+        lo, hi = math.log(max(cfg.time_step_min, 1e-8)), math.log(cfg.time_step_max)
+        dt = torch.exp(torch.rand(h, generator=generator) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.D.fill_(1.0)
+
+    def _conv(self, xBC: Tensor, state: MambaState | None) -> Tensor:
+        """Causal depthwise conv over (b, l, conv_dim), continuing from the cached inputs."""
+        b, l, c = xBC.shape
+        k = self.cfg.conv_kernel
+        prev = state.conv.to(xBC.dtype) if state is not None else xBC.new_zeros(b, c, k - 1)
+        full = torch.cat([prev, xBC.transpose(1, 2)], dim=-1)  # (b, c, k - 1 + l)
+        if state is not None:
+            state.conv = full[..., full.shape[-1] - (k - 1):]
+        if l == 1:  # decode: one dot product per channel is cheaper than a conv call
+            out = (full * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+            if self.conv1d.bias is not None:
+                out = out + self.conv1d.bias[:, None]
+        else:
+            out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=c)  # (b, c, l)
+        return F.silu(out).transpose(1, 2)
+
+    def forward(self, u: Tensor, state: MambaState | None = None, valid: Tensor | None = None) -> Tensor:
+        """u (b, l, d_model); `valid` (b, l) marks real tokens (pads are zeroed so they never reach the state)."""
+        cfg = self.cfg
+        b, l, _ = u.shape
+        h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
+        if valid is not None:  # pads enter neither the conv window nor the state
+            keep = valid[..., None].to(xBC.dtype)
+            xBC = self._conv(xBC * keep, state) * keep
+        else:
+            xBC = self._conv(xBC, state)
+        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*cfg.time_step_limit)
+        A = -torch.exp(self.A_log.float())
+        if state is not None and l == 1:
+            y, state.ssm = ssd_step(state.ssm, x.view(b, h, p), dt[:, 0], A,
+                                    B.view(b, g, n), C.view(b, g, n), self.D)
+        else:
+            y, final = ssd_chunked(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
+                                   cfg.chunk_size, self.D, state.ssm if state is not None else None)
+            if state is not None:
+                state.ssm = final
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return maybe_norm(self.out_norm, self.out_proj(y))

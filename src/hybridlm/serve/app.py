@@ -1,0 +1,107 @@
+"""The OpenAI-compatible HTTP server: app assembly (FastAPI), `serve` (uvicorn), and a background server for tests.
+
+The engine runs in its own thread, started and stopped with the app; the endpoints are
+in `hybridlm.serve.routes`, the protocol shapes in `hybridlm.serve.schemas`. Every error,
+routing ones included (404 unknown route, 405 wrong method), is OpenAI-shaped.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine
+from .routes import OpenAIRoutes, ServerSettings, add_routes
+from .schemas import APIError, error_response
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BackgroundServer", "ServerSettings", "create_app", "serve"]
+
+
+def create_app(engine: Engine, tokenizer, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app; it starts the engine thread on startup and stops it on shutdown."""
+    settings = settings or ServerSettings()
+    if tokenizer.vocab_size > engine.model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{engine.model.cfg.vocab_size}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="hybridlm", lifespan=lifespan)
+    add_error_handlers(app)
+    add_routes(app, OpenAIRoutes(engine, tokenizer, settings))
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped bodies for our errors, routing errors and anything unexpected (500)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
+        return error_response(err.status, err.message, err.type, err.param, err.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return error_response(err.status_code, str(err.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: HTTPRequest, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(err).__name__}", "server_error")
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the app with uvicorn until interrupted (Ctrl-C)."""
+    import uvicorn
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on host:port (0 = a free port) in a thread; a context manager.
+
+        with BackgroundServer(app) as srv:
+            httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
