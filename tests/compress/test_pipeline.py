@@ -76,3 +76,12 @@ def test_prune_needs_data_or_scores(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="--data"):
         prune(teacher_dir, tmp_path / "s", PruneConfig(d_model=48))
     assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_prune_an_in_memory_model_records_no_source(tmp_path, small_shards):
+    torch.manual_seed(1)
+    model = HybridLM(HybridConfig(**TINY_MODEL))
+    r = prune(model, tmp_path / "s", PruneConfig(n_drop=1, calib_seqs=2, seq_len=16), data=small_shards)
+    meta = json.loads((r.out / "config.json").read_text())
+    assert "pruned_from" not in meta and len(meta["prune_spec"]["drop_layers"]) == 1
+    assert r.model.cfg.n_layers == model.cfg.n_layers - 1 and not (r.out / "tokenizer.json").exists()

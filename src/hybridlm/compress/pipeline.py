@@ -136,7 +136,8 @@ def _importance(model: HybridLM, batches: list[Batch] | None, config: PruneConfi
 
 def _write_student(out: Path, pruned: HybridLM, imp: Importance, spec: PruneSpec, table: list[dict] | None,
                    source: str | None) -> Path:
-    out = save_model(pruned, out, extra={"pruned_from": str(source), "prune_spec": spec.to_dict()})
+    provenance = {"pruned_from": str(source)} if source is not None else {}
+    out = save_model(pruned, out, extra={**provenance, "prune_spec": spec.to_dict()})
     imp.save(out / "importance.json")
     if table is not None:
         (out / "prune_search.json").write_text(json.dumps(table[:50], indent=2) + "\n")
