@@ -282,8 +282,7 @@ def _eval(p: argparse.ArgumentParser):
         from .training.loop import evaluate
         model = load_model_from(a)
         data = TokenDataset(a.data, split=a.split)
-        if data.vocab_size and data.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"data was tokenized with {data.vocab_size} tokens, the model has {model.cfg.vocab_size}")
+        data.check_vocab(model.cfg.vocab_size)
         loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, DistEnv.single(model.lm_head.weight.device))
         print(f"{a.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
     return run

@@ -329,3 +329,10 @@ def test_unigram_entropy_by_hand(tmp_path: Path) -> None:
     assert unigram_entropy(TokenDataset(tmp_path / "t.npy")) == pytest.approx(expected, rel=1e-12)
     assert unigram_entropy(np.zeros(10, dtype=np.int64)) == 0.0
     assert unigram_entropy(np.arange(16)) == pytest.approx(math.log(16))
+
+
+def test_check_vocab_refuses_a_model_with_fewer_tokens(small_shards):
+    ds = TokenDataset(small_shards, "train")
+    ds.check_vocab(4096)  # the bundled tokenizer's size: fine
+    with pytest.raises(ValueError, match="4096-token vocabulary but the model has vocab_size=97"):
+        ds.check_vocab(97)

@@ -119,9 +119,7 @@ def prune(model: HybridLM | str | Path, out: str | Path, config: PruneConfig, da
 def _calibration(model: HybridLM, data: str | Path, config: PruneConfig) -> list[Batch]:
     """Calibration batches from the train split of prepared shards, on the model's device."""
     ds = TokenDataset(data, "train")
-    vocab = model.cfg.vocab_size
-    if ds.vocab_size and ds.vocab_size > vocab:
-        raise ValueError(f"data was tokenized with {ds.vocab_size} tokens, the model has {vocab}")
+    ds.check_vocab(model.cfg.vocab_size)
     device = model.lm_head.weight.device
     return [(x.to(device), y) for x, y in calibration_batches(ds, config.calib_seqs, config.seq_len, config.batch_size)]
 

@@ -63,7 +63,7 @@ class QuantReport:
 
 
 @dataclass
-class _Quantized:
+class _Outcome:
     """One format's quantization of a tensor, for `quant_inspect`."""
 
     deq: Tensor                   # dequantized values, the shape of the input
@@ -73,13 +73,13 @@ class _Quantized:
     counts: dict[float, int] | None = None
 
 
-def _quantize_fp8(x: Tensor) -> _Quantized:
+def _quantize_fp8(x: Tensor) -> _Outcome:
     scale = float(fp8.current_scale(x))
     clipped = float((x.abs() * scale > fp8.E4M3_MAX * _CLIP_TOL).float().mean())
-    return _Quantized(fp8.quantize(x).dequantize(), scale, clipped)
+    return _Outcome(fp8.quantize(x).dequantize(), scale, clipped)
 
 
-def _quantize_nvfp4(x: Tensor, block: tuple[int, int], stochastic: bool) -> _Quantized:
+def _quantize_nvfp4(x: Tensor, block: tuple[int, int], stochastic: bool) -> _Outcome:
     rows = nvfp4._block_rows(block, x)
     x2 = nvfp4._as_2d(x)
     qt = nvfp4._quantize_tiles(x2, rows, stochastic, None)
@@ -89,7 +89,7 @@ def _quantize_nvfp4(x: Tensor, block: tuple[int, int], stochastic: bool) -> _Qua
     scaled = nvfp4._tiles(x2, rows).abs() * qt.encode[:, None, :, None]     # |x| * s_enc / S_b
     clipped = float((scaled > nvfp4.E2M1_MAX * _CLIP_TOL).sum()) / x.numel()
     deq = nvfp4._dequantize_tiles(qt.values, qt.block_scales, qt.s_enc, tuple(x2.shape)).reshape(x.shape)
-    return _Quantized(deq, float(qt.s_enc), clipped, qt.block_scales.to(torch.float32), counts)
+    return _Outcome(deq, float(qt.s_enc), clipped, qt.block_scales.to(torch.float32), counts)
 
 
 def quant_inspect(x: Tensor, fmt: str = "nvfp4", block: tuple[int, int] = (1, 16), rht_seed: int | None = None,

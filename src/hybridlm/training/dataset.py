@@ -137,6 +137,12 @@ class TokenDataset:
         """Document separator id (None for bare arrays)."""
         return self.meta.get("eos_id")
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError when the data was tokenized with more token ids than a model of `vocab_size` has."""
+        if self.vocab_size is not None and self.vocab_size > vocab_size:
+            raise ValueError(f"data {self.path} was tokenized with a {self.vocab_size}-token vocabulary but the "
+                             f"model has vocab_size={vocab_size}")
+
     def __len__(self) -> int:
         return self.num_tokens
 

@@ -174,9 +174,7 @@ class _Run:
         val_ds = TokenDataset(data_dir, "val") if tc.eval_batches > 0 else None
         if val_ds is not None:  # fail now, not at the first evaluation, if one batch does not fit
             next(val_ds.iter_eval_batches(tc.batch_size, tc.seq_len, 1, env.rank, env.world_size))
-        if train_ds.vocab_size is not None and train_ds.vocab_size > cfg.vocab_size:
-            raise ValueError(f"data {data_dir} was tokenized with a {train_ds.vocab_size}-token vocabulary but the "
-                             f"model has vocab_size={cfg.vocab_size}")
+        train_ds.check_vocab(cfg.vocab_size)
         return data_dir, train_ds, val_ds
 
     # ---- the loop -----------------------------------------------------------------------------
