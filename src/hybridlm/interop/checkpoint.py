@@ -19,6 +19,7 @@ from .files import atomic_write_text, load_tensors, save_tensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SAFETENSORS_METADATA = {"format": "pt", "producer": "hybridlm"}  # in the header of every weights file we write
 
 
 def model_state(model: HybridLM) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def save_model(model: HybridLM, out_dir: str | Path, extra: dict[str, Any] | Non
     """Write config.json and model.safetensors into out_dir (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(model_state(model), out / WEIGHTS_NAME, metadata={"format": "pt", "producer": "hybridlm"})
+    save_tensors(model_state(model), out / WEIGHTS_NAME, metadata=SAFETENSORS_METADATA)
     payload = {"hybridlm": model.cfg.to_dict(), **(extra or {})}
     atomic_write_text(out / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
     return out

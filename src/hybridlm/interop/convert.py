@@ -70,7 +70,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, dtype: torc
         raise ValueError(f"destination {dst} is the source directory; choose another one")
     if fmt == "hybridlm" and dtype is None and (src / WEIGHTS_NAME).is_file():
         dtype = uniform_dtype({dt for _, dt in read_header(src / WEIGHTS_NAME).values()})  # keep the stored dtype
-    model = load(src, dtype=dtype)
+    model = load_hf_dir(src, dtype=dtype) if fmt == "hf" else load_model(src, dtype=dtype)  # fmt is known
     if to == "hf":
         save_hf_dir(model, dst, max_shard_bytes=max_shard_bytes)
     else:

@@ -22,7 +22,7 @@ import torch
 
 from ..config import HybridConfig
 from ..model.lm import HybridLM
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict
+from .checkpoint import CONFIG_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, check_state_dict
 from .files import (atomic_write_text, load_tensors, read_header, read_json_file, read_tensor, require_dir,
                     save_tensors, uniform_dtype)
 from .hf_config import config_json, hf_config_to_hybrid, hybrid_to_hf_config
@@ -30,7 +30,6 @@ from .hf_config import config_json, hf_config_to_hybrid, hybrid_to_hf_config
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
-_META = {"format": "pt", "producer": "hybridlm"}
 
 TensorIndex = dict[str, tuple[Path, str]]  # our tensor name -> (file, HF tensor name)
 
@@ -192,12 +191,12 @@ def save_hf_dir(model: HybridLM, out_dir: str | Path, max_shard_bytes: int = DEF
 def _write_weights(out: Path, tensors: dict[str, torch.Tensor], shards: list[dict[str, torch.Tensor]]) -> set[str]:
     """model.safetensors, or the shards plus their index; returns the names of the files written."""
     if len(shards) == 1:
-        save_tensors(shards[0], out / WEIGHTS_NAME, metadata=_META)
+        save_tensors(shards[0], out / WEIGHTS_NAME, metadata=SAFETENSORS_METADATA)
         return {WEIGHTS_NAME}
     written, weight_map = set(), {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_tensors(shard, out / fname, metadata=_META)
+        save_tensors(shard, out / fname, metadata=SAFETENSORS_METADATA)
         written.add(fname)
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
