@@ -100,6 +100,23 @@ def add_model_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--config", help="a HybridConfig JSON file, with random weights")
 
 
+def add_compile_flag(p: argparse.ArgumentParser, what: str = "the decode step") -> None:
+    p.add_argument("--compile", action="store_true",
+                   help=f"torch.compile {what} (inductor; CUDA graphs for decoding on CUDA). The compile time "
+                        "is printed on stderr; if compiling fails, a warning says why and it runs eagerly")
+
+
+def show_compile_log() -> None:
+    """Print `hybridlm.model.compiled`'s messages (the compile time) on stderr."""
+    import logging
+    logger = logging.getLogger("hybridlm.model.compiled")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def load_config_from(args: argparse.Namespace):
     from .config import HybridConfig, preset
     if args.preset:
@@ -187,15 +204,17 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_compile_flag(p)
 
     def run(a):
         from .serve.generation import generate_text
         from .serve.sampling import SamplingParams
+        show_compile_log()
         model, tok = load_model_from(a), load_tokenizer_for(a)
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
         params = SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
-        for prompt, text in zip(a.prompt, generate_text(model, tok, a.prompt, params)):
+        for prompt, text in zip(a.prompt, generate_text(model, tok, a.prompt, params, compile=a.compile)):
             print(prompt + text)
             print("-" * 40)
     return run
@@ -273,6 +292,7 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=50, help="at most this many batches")
     p.add_argument("--device", default="auto")
+    add_compile_flag(p, "the forward")
 
     def run(a):
         import math
@@ -283,6 +303,10 @@ def _eval(p: argparse.ArgumentParser):
         model = load_model_from(a)
         data = TokenDataset(a.data, split=a.split)
         data.check_vocab(model.cfg.vocab_size)
+        if a.compile:
+            from .model.compiled import compile_forward
+            show_compile_log()
+            compile_forward(model)
         loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, DistEnv.single(model.lm_head.weight.device))
         print(f"{a.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
     return run
@@ -481,13 +505,18 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger request bodies get HTTP 413")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward call")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward call")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps (longer prompts take several steps, "
+                        "so running streams never stall for a whole prefill)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; if absent, torch's choice")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_compile_flag(p)
 
     def run(a):
-        for flag in ("port", "max_batch", "max_request_bytes", "default_max_tokens", "prefill_chunk"):
+        for flag in ("port", "max_batch", "max_request_bytes", "default_max_tokens", "prefill_chunk",
+                     "prefill_budget"):
             if getattr(a, flag) < (0 if flag == "port" else 1):
                 raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
         if a.max_queue < 0:
@@ -498,9 +527,11 @@ def _serve(p: argparse.ArgumentParser):
         model, tok = load_model_from(a), load_tokenizer_for(a)
         from .serve.app import ServerSettings, create_app, serve
         from .serve.engine import Engine
+        show_compile_log()
         name = a.model_name or Path(model_source(a)).name.removesuffix(".json")
         engine = Engine(model, tok, max_batch=a.max_batch, max_queue=a.max_queue, max_model_len=a.max_model_len,
-                        prefill_chunk=a.prefill_chunk)
+                        prefill_chunk=a.prefill_chunk, prefill_tokens_per_step=a.prefill_budget,
+                        compile=a.compile)
         app = create_app(engine, tok, ServerSettings(model_name=name, max_request_bytes=a.max_request_bytes,
                                                      default_max_tokens=a.default_max_tokens))
         print(f"serving {name!r} ({model.num_params():,} params, context {engine.max_model_len}) on "

@@ -116,6 +116,59 @@ def test_join_and_leave_between_steps(model):
     assert engine._cache is None  # an idle engine holds no cache
 
 
+def test_long_prompt_joins_without_stalling_running_streams(model):
+    """Chunked prefill under a token budget: while a 40-token prompt joins (4-token chunks, 8 tokens
+    a step), the running request still gets one token every step."""
+    engine = Engine(model, max_batch=2, prefill_chunk=4, prefill_tokens_per_step=8)
+    got: dict[str, list[int]] = {}
+
+    def request(prompt, n):
+        r = Request(prompt, SamplingParams(max_new_tokens=n, temperature=0),
+                    on_output=lambda o: got.setdefault(o.request_id, []).extend(o.token_ids))
+        engine.submit(r)
+        return r
+
+    a = request(PROMPTS[1], 30)
+    engine.step()
+    assert len(got[a.request_id]) == 2
+    long = request([(7 * i) % 97 for i in range(40)], 5)
+    for i in range(5):  # 40 prompt tokens, 8 per step
+        chunks = engine.stats["prefill_chunks"]
+        engine.step()
+        assert engine.stats["prefill_chunks"] == chunks + 2
+        assert len(got[a.request_id]) == 3 + i                       # a never waited
+        assert len(got.get(long.request_id, [])) == (2 if i == 4 else 0)  # first token + this step's decode
+    engine.run_until_idle()
+    for r in (a, long):
+        assert got[r.request_id] == alone(model, r.prompt_ids, r.params)
+
+
+def test_a_join_copies_no_running_request(model):
+    """Joining writes into a free slot: the shared buffers stay where they are, the running slot's
+    cached keys are untouched."""
+    engine = Engine(model, max_batch=3)
+    first = Request(PROMPTS[0], SamplingParams(max_new_tokens=20, temperature=0))
+    engine.submit(first)
+    engine.step()
+    kv = next(layer for layer in engine._cache.layers if hasattr(layer, "k"))
+    pointer, keys = kv.k.data_ptr(), kv.k[0, :, :12].clone()
+    engine.submit(Request(PROMPTS[3], SamplingParams(max_new_tokens=5, temperature=0)))
+    engine.step()
+    assert engine.num_running == 2 and kv.k.data_ptr() == pointer and engine._cache.layers[1] is kv
+    assert torch.equal(kv.k[0, :, :12], keys)
+    engine.run_until_idle()
+
+
+def test_compiled_engine_equals_single_requests():
+    model = small_model(seed=2, pattern="M*-", d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    params = [SamplingParams(max_new_tokens=n, temperature=0.8 if i % 2 else 0, seed=i)
+              for i, n in enumerate(LENGTHS[:4])]
+    engine = Engine(model, max_batch=2, compile=True)
+    out = engine.generate(PROMPTS[:4], params)
+    assert [r.token_ids for r in out] == [alone(model, p, sp) for p, sp in zip(PROMPTS[:4], params)]
+    assert engine.compile_seconds > 0
+
+
 def test_eos_finishes_a_request(model):
     free = alone(model, PROMPTS[1], SamplingParams(max_new_tokens=12, temperature=0))
     eos = free[4]

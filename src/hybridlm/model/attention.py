@@ -117,3 +117,20 @@ class Attention(nn.Module):
             mask = attention_mask(l, key_valid)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return maybe_norm(self.post_proj_norm, self.o_proj(out.transpose(1, 2).reshape(b, l, -1)))
+
+    def step(self, x: Tensor, kv, positions: Tensor, key_valid: Tensor) -> Tensor:
+        """One decoding step on a static cache: x (s, d_model); `kv` a `StaticKV` whose buffers
+        (s, kv_heads, max_len, head_dim) get the new key/value at column positions[s] (in place);
+        key_valid (s, max_len) marks the columns each slot may attend to (its new key included)."""
+        s = x.shape[0]
+        q, k, v = self._qkv(x[:, None])                            # (s, heads, 1, head_dim)
+        at = positions.view(s, 1, 1, 1).expand(s, self.n_kv_heads, 1, self.head_dim)
+        kv.k.scatter_(2, at, k)
+        kv.v.scatter_(2, at, v)
+        mask = key_valid[:, None, None, :]                           # (s, 1, 1, max_len)
+        if self.softcap or self.record_logits:
+            out, self.last_logit_max = explicit_attention(q, kv.k, kv.v, mask, self.softcap,
+                                                          record=self.record_logits)
+        else:
+            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, enable_gqa=True)
+        return maybe_norm(self.post_proj_norm, self.o_proj(out.reshape(s, -1)))

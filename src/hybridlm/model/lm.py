@@ -95,22 +95,28 @@ class HybridLM(nn.Module):
                 attention_mask: Tensor | None = None) -> Tensor:
         """Logits (b, l, vocab) for input_ids (b, l).
 
-        attention_mask (b, l): True for real tokens, False for (left) padding. With a
-        `cache`, the call continues the cached sequences and updates the cache.
+        attention_mask (b, l): True for real tokens, False for padding (left, right or
+        holes). With a `cache`, the call continues the cached sequences and updates the
+        cache. Ids and mask are checked in eager mode only: under `torch.compile` the
+        forward has no host synchronisation (checks belong at the API boundary).
         """
-        self._check_ids(input_ids)
-        b, l = input_ids.shape
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
-        if valid is not None and valid.shape != (b, l):
-            raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape {(b, l)}")
-        if valid is not None and bool(valid.all()):
-            valid = None  # no padding: every layer takes its unmasked fast path
-        key_valid = cache.extend_mask(valid, l) if cache is not None else valid
+        if not torch.compiler.is_compiling():
+            self._check_inputs(input_ids, valid)
+            if valid is not None and bool(valid.all()):
+                valid = None  # no padding: every layer takes its unmasked fast path
+        key_valid = cache.extend_mask(valid, input_ids.shape[1]) if cache is not None else valid
         x = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             state = cache.layers[i] if cache is not None else None
             x = block(x, state, valid, key_valid)
         return self.lm_head(self.backbone.norm_f(x))
+
+    def _check_inputs(self, input_ids: Tensor, valid: Tensor | None) -> None:
+        self._check_ids(input_ids)
+        if valid is not None and valid.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if input_ids.dim() != 2:

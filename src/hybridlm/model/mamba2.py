@@ -54,43 +54,71 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.D.fill_(1.0)
 
-    def _conv(self, xBC: Tensor, state: MambaState | None) -> Tensor:
-        """Causal depthwise conv over (b, l, conv_dim), continuing from the cached inputs."""
+    def _dt(self, dt: Tensor) -> Tensor:
+        """softplus(dt + dt_bias), clamped, in float32 whatever the autocast dtype (as mamba_ssm)."""
+        with torch.autocast(dt.device.type, enabled=False):
+            return F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.cfg.time_step_limit)
+
+    def _conv(self, xBC: Tensor, state: MambaState | None, valid: Tensor | None) -> Tensor:
+        """Causal depthwise conv + SiLU over (b, l, conv_dim), continuing from the cached inputs.
+
+        With `valid` (b, l), each row's real tokens are packed first (pads after them), so a real
+        token's window holds the previous *real* inputs whatever the padding (left, right, holes),
+        and the cached window ends at the row's last real token; pads get zeros.
+        """
         b, l, c = xBC.shape
         k = self.cfg.conv_kernel
+        if valid is not None:
+            order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # (b, l) real first, in order
+            index = order[..., None].expand(b, l, c)
+            xBC = xBC.gather(1, index) * valid.gather(1, order)[..., None].to(xBC.dtype)
         prev = state.conv.to(xBC.dtype) if state is not None else xBC.new_zeros(b, c, k - 1)
         full = torch.cat([prev, xBC.transpose(1, 2)], dim=-1)  # (b, c, k - 1 + l)
-        if state is not None:
+        if state is not None and valid is None:
             state.conv = full[..., full.shape[-1] - (k - 1):]
-        if l == 1:  # decode: one dot product per channel is cheaper than a conv call
-            out = (full * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
-            if self.conv1d.bias is not None:
-                out = out + self.conv1d.bias[:, None]
-        else:
-            out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=c)  # (b, c, l)
-        return F.silu(out).transpose(1, 2)
+        elif state is not None:  # the k - 1 inputs before the row's last real token, included
+            ends = valid.sum(1, keepdim=True) + torch.arange(k - 1, device=full.device)  # (b, k - 1)
+            state.conv = full.gather(-1, ends[:, None, :].expand(b, c, k - 1))
+        out = F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=c)).transpose(1, 2)
+        if valid is None:
+            return out
+        return out.new_zeros(out.shape).scatter(1, index, out) * valid[..., None].to(out.dtype)
 
     def forward(self, u: Tensor, state: MambaState | None = None, valid: Tensor | None = None) -> Tensor:
-        """u (b, l, d_model); `valid` (b, l) marks real tokens (pads are zeroed so they never reach the state)."""
+        """u (b, l, d_model). `valid` (b, l) marks real tokens: pads are identity steps (dt = 0) and
+        never enter the conv window, so any padding leaves the state as if the pads were absent."""
+        if state is not None and valid is None and u.shape[1] == 1:
+            return self.step(u[:, 0], state)[:, None]
         cfg = self.cfg
         b, l, _ = u.shape
         h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
-        if valid is not None:  # pads enter neither the conv window nor the state
-            keep = valid[..., None].to(xBC.dtype)
-            xBC = self._conv(xBC * keep, state) * keep
-        else:
-            xBC = self._conv(xBC, state)
-        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*cfg.time_step_limit)
-        A = -torch.exp(self.A_log.float())
-        if state is not None and l == 1:
-            y, state.ssm = ssd_step(state.ssm, x.view(b, h, p), dt[:, 0], A,
-                                    B.view(b, g, n), C.view(b, g, n), self.D)
-        else:
-            y, final = ssd_chunked(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
-                                   cfg.chunk_size, self.D, state.ssm if state is not None else None)
-            if state is not None:
-                state.ssm = final
+        x, B, C = self._conv(xBC, state, valid).split([self.d_inner, g * n, g * n], dim=-1)
+        dt = self._dt(dt)
+        if valid is not None:
+            dt = dt * valid[..., None]
+        y, final = ssd_chunked(x.reshape(b, l, h, p), dt, -torch.exp(self.A_log.float()), B.reshape(b, l, g, n),
+                               C.reshape(b, l, g, n), cfg.chunk_size, self.D,
+                               state.ssm if state is not None else None)
+        if state is not None:
+            state.ssm = final
         y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return maybe_norm(self.out_norm, self.out_proj(y))
+
+    def step(self, u: Tensor, state: MambaState) -> Tensor:
+        """One decoding step for u (b, d_model); updates `state` in place (fixed shapes, no host sync)."""
+        cfg = self.cfg
+        b = u.shape[0]
+        h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
+        window = torch.cat([state.conv.to(xBC.dtype), xBC[..., None]], dim=-1)  # (b, conv_dim, k)
+        state.conv.copy_(window[..., 1:])
+        xBC = (window * self.conv1d.weight[:, 0]).sum(-1)  # one dot product per channel
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias
+        x, B, C = F.silu(xBC).split([self.d_inner, g * n, g * n], dim=-1)
+        y, ssm = ssd_step(state.ssm, x.view(b, h, p), self._dt(dt), -torch.exp(self.A_log.float()),
+                          B.view(b, g, n), C.view(b, g, n), self.D)
+        state.ssm.copy_(ssm)
+        y = self.norm(y.reshape(b, self.d_inner), z)
         return maybe_norm(self.out_norm, self.out_proj(y))

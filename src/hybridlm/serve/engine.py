@@ -1,13 +1,18 @@
 """Continuous-batching inference engine: many concurrent requests, one decode batch.
 
-Each running request owns one row ("slot") of a shared `InferenceCache`: its Mamba conv +
-SSM states and its rows of the attention KV caches. Between decode steps requests leave
-(finished or aborted: their rows are selected away and the freed columns trimmed) and
-join (a waiting request is prefilled on its own, then its cache rows are appended,
-right-aligned). Every decode step feeds each slot the token it sampled last and samples
-the next one with that request's own `SamplingParams` and `torch.Generator`, so a
-request's tokens do not depend on its batch mates: greedy results equal `generate()` on
-the prompt alone, and so do seeded samples (tested).
+Each running request owns one row ("slot") of a shared `StaticCache` (`hybridlm.serve.slots`):
+its Mamba conv + SSM states and its rows of the attention KV buffers. Every engine step
+
+1. applies aborts and gives free slots to waiting requests;
+2. prefills joining prompts in chunks under a per-step token budget
+   (`prefill_tokens_per_step`), so a long prompt is spread over several steps and never
+   freezes the running streams; a finished prefill is copied into its slot once;
+3. runs one fixed-shape decode step for all decoding slots (`decode_step`, compiled
+   with `compile=True`) and samples every row in one call (`sample_rows`), each with
+   its request's `SamplingParams` and its own `torch.Generator`.
+
+So a request's tokens do not depend on its batch mates: greedy results equal
+`generate()` on the prompt alone, and so do seeded samples (tested).
 
 With a tokenizer, tokens are detokenized incrementally and stop strings are honoured
 (`hybridlm.serve.detokenize`).
@@ -33,10 +38,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..model.cache import InferenceCache
 from ..model.lm import HybridLM
 from .detokenize import TextState
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, row_settings, sample_rows
+from .slots import Slot, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +85,6 @@ class Completion:
     completion_tokens: int
 
 
-@dataclass
-class _Slot:
-    request: Request
-    generator: torch.Generator
-    text: TextState | None
-    pending: int = -1          # last sampled token, fed at the next decode step
-    sampled: int = 0           # tokens sampled so far (an EOS included)
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
-
-
 class Engine:
     """Continuous batching over one `HybridLM` (see the module docstring).
 
@@ -101,14 +92,14 @@ class Engine:
     most (`submit` raises `QueueFull` when max_batch + max_queue are already in).
     max_model_len: prompt + max_new_tokens at most (default `cfg.max_seq_len`).
     prefill_chunk: prompt tokens per forward call while prefilling.
-    prefill_tokens_per_step: prompt tokens admitted between two decode steps (at least one
-    request is admitted whenever a slot is free): bounds how long running requests wait
-    for joiners.
+    prefill_tokens_per_step: prompt tokens prefilled between two decode steps: bounds how
+    long running requests wait for joiners (a longer prompt takes several steps).
+    compile: run the decode step through `torch.compile` (see `hybridlm.serve.decoder`).
     """
 
     def __init__(self, model: HybridLM, tokenizer=None, max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, prefill_chunk: int = 2048,
-                 prefill_tokens_per_step: int = 4096) -> None:
+                 max_model_len: int | None = None, prefill_chunk: int = 512,
+                 prefill_tokens_per_step: int = 512, compile: bool = False) -> None:
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                             ("prefill_tokens_per_step", prefill_tokens_per_step)):
             if value < 1:
@@ -125,14 +116,24 @@ class Engine:
         self.prefill_chunk, self.prefill_tokens_per_step = prefill_chunk, prefill_tokens_per_step
         self._waiting: deque[Request] = deque()
         self._aborts: set[str] = set()
-        self._slots: list[_Slot] = []
-        self._cache: InferenceCache | None = None
+        self._table = SlotTable(model, max_batch, compile)
+        self._slots: list[Slot] = []  # running (prefilling or decoding), in admission order
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "finished": 0, "aborted": 0}
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "prefill_chunks": 0,
+                      "finished": 0, "aborted": 0}
 
     # ---- public, thread-safe -------------------------------------------------
+    @property
+    def _cache(self):
+        """The static cache (None while idle)."""
+        return self._table.cache
+
+    @property
+    def compile_seconds(self) -> float:
+        return self._table.compile_seconds
+
     @property
     def num_running(self) -> int:
         return len(self._slots)
@@ -241,19 +242,21 @@ class Engine:
     # ---- one scheduling iteration ------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Apply aborts, admit waiting requests into free slots (prefill), decode one token for all."""
+        """Apply aborts, admit waiting requests into free slots, prefill under the budget, decode one token."""
         self._apply_aborts()
         self._admit()
-        if self._slots:
+        self._prefill()
+        if any(s.decoding for s in self._slots):
             try:
                 self._decode()
             except Exception as err:  # never leave requests hanging: fail the batch, keep serving
                 log.exception("decode step failed")
-                for slot in self._slots:
+                for slot in [s for s in self._slots if s.decoding]:
                     self._emit(slot, [], "", "error", error=f"{type(err).__name__}: {err}")
-                self._slots, self._cache = [], None
+                    self._leave(slot)
         self.stats["steps"] += 1
 
+    @torch.inference_mode()  # also called by stop(), outside step()
     def _apply_aborts(self) -> None:
         with self._cond:
             if not self._aborts:
@@ -262,82 +265,83 @@ class Engine:
             dropped = [r for r in self._waiting if r.request_id in ids]
             self._waiting = deque(r for r in self._waiting if r.request_id not in ids)
         for r in dropped:
-            self._emit(_Slot(r, torch.Generator(), None), [], "", "abort")
-        keep = [i for i, s in enumerate(self._slots) if s.request.request_id not in ids]
-        if len(keep) < len(self._slots):
-            for s in self._slots:
-                if s.request.request_id in ids:
-                    self._emit(s, [], s.text.take(final=True) if s.text else "", "abort")
-            self._keep_rows(keep)
+            self._emit(Slot(r, torch.Generator(), None), [], "", "abort")
+        for s in [s for s in self._slots if s.request.request_id in ids]:
+            self._emit(s, [], s.text.take(final=True) if s.text else "", "abort")
+            self._leave(s)
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens_per_step
-        while len(self._slots) < self.max_batch and budget > 0:
+        """Give each free slot to the next waiting request (its prefill starts in `_prefill`)."""
+        while len(self._slots) < self.max_batch:
             with self._cond:
                 if not self._waiting:
                     return
                 req = self._waiting.popleft()
-            budget -= len(req.prompt_ids)
-            try:
-                self._start(req)
-            except Exception as err:
-                log.exception("prefill failed")
-                self._emit(_Slot(req, torch.Generator(), None), [], "", "error", error=f"{type(err).__name__}: {err}")
+            slot = self._new_slot(req)
+            self._table.reserve(slot)
+            self._slots.append(slot)
 
-    def _start(self, req: Request) -> None:
-        """Prefill the prompt alone, sample its first token, and join the batch unless already done."""
+    def _new_slot(self, req: Request) -> Slot:
         gen = torch.Generator(device=self.device)
         if req.params.seed is not None:
             gen.manual_seed(req.params.seed)
         else:
             gen.seed()
         text = TextState(self.tokenizer, req.prompt_ids, req.stop) if self.tokenizer is not None else None
-        slot = _Slot(req, gen, text)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
-        cache = self.model.new_cache(1, capacity=ids.shape[1] + 1)
-        for a in range(0, ids.shape[1], self.prefill_chunk):
-            logits = self.model(ids[:, a:a + self.prefill_chunk], cache)[:, -1]  # (1, vocab)
-        self.stats["prefill_tokens"] += ids.shape[1]
-        if self._accept(slot, self._sample(logits, [slot])[0]):
-            return
-        if self._cache is None:  # no running request (see `_keep_rows`)
-            self._cache = cache
-        else:
-            self._cache.add_rows(cache)
-        self._slots.append(slot)
+        slot = Slot(req, gen, text)
+        slot.prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
+        slot.prefill_cache = self.model.new_cache(1, capacity=slot.prompt.shape[1])
+        return slot
+
+    def _prefill(self) -> None:
+        """Prefill chunks, oldest joiner first, until `prefill_tokens_per_step` prompt tokens are spent."""
+        budget = self.prefill_tokens_per_step
+        for slot in [s for s in self._slots if s.prompt is not None]:
+            try:
+                while budget > 0 and slot.prompt is not None:
+                    budget -= self._prefill_chunk(slot, budget)
+            except Exception as err:
+                log.exception("prefill failed")
+                self._emit(slot, [], "", "error", error=f"{type(err).__name__}: {err}")
+                self._leave(slot)
+
+    def _prefill_chunk(self, slot: Slot, budget: int) -> int:
+        """Prefill up to min(budget, prefill_chunk) more prompt tokens; at the end, join and sample."""
+        a = slot.prefilled
+        n = min(budget, self.prefill_chunk, slot.prompt.shape[1] - a)
+        logits = self.model(slot.prompt[:, a:a + n], slot.prefill_cache)[:, -1]  # (1, vocab)
+        slot.prefilled += n
+        self.stats["prefill_tokens"] += n
+        self.stats["prefill_chunks"] += 1
+        if slot.prefilled == slot.prompt.shape[1]:
+            self._table.join(slot, slot.prefill_cache)
+            slot.prompt = slot.prefill_cache = None
+            if self._accept(slot, self._sample(logits, [slot])[0]):
+                self._leave(slot)
+        return n
 
     def _decode(self) -> None:
-        tokens = torch.tensor([[s.pending] for s in self._slots], dtype=torch.long, device=self.device)  # (b, 1)
-        logits = self.model(tokens, self._cache)[:, -1]  # (b, vocab)
-        new = self._sample(logits, self._slots)
+        running, logits = self._table.decode()
+        new = self._sample(logits, running)
         self.stats["decode_tokens"] += len(new)
-        done = [self._accept(s, t) for s, t in zip(self._slots, new)]
-        if any(done):
-            self._keep_rows([i for i, d in enumerate(done) if not d])
+        for slot, token in zip(running, new):
+            if self._accept(slot, token):
+                self._leave(slot)
 
-    def _keep_rows(self, keep: list[int]) -> None:
-        self._slots = [self._slots[i] for i in keep]
-        if not keep:
-            self._cache = None  # free the memory of an idle engine
-            return
-        self._cache.select(torch.tensor(keep, dtype=torch.long, device=self.device))
-        self._cache.trim()
+    def _leave(self, slot: Slot) -> None:
+        self._table.release(slot)
+        self._slots = [s for s in self._slots if s is not slot]
 
     @staticmethod
-    def _sample(logits: Tensor, slots: list[_Slot]) -> list[int]:
-        """One token per row of logits (b, vocab), each with its own request's params and generator."""
-        out = [0] * len(slots)
-        greedy = [i for i, s in enumerate(slots) if s.params.temperature == 0]
-        if greedy:
-            picks = logits[greedy].float().argmax(dim=-1).tolist()
-            for i, t in zip(greedy, picks):
-                out[i] = t
-        for i, s in enumerate(slots):
-            if s.params.temperature != 0:
-                out[i] = int(sample_next(logits[i:i + 1], s.params, s.generator)[0])
-        return out
+    def _sample(logits: Tensor, slots: list[Slot]) -> list[int]:
+        """One token per row of logits (b, vocab), all rows in one call; each row draws its
+        uniform from its own request's generator (greedy rows draw nothing)."""
+        draws = [torch.rand(1, generator=s.generator, device=logits.device) if s.params.temperature > 0
+                 else logits.new_zeros(1, dtype=torch.float32) for s in slots]
+        settings = row_settings([s.params for s in slots], logits.device)
+        return sample_rows(logits, *settings, torch.cat(draws)).tolist()
 
-    def _accept(self, slot: _Slot, token: int) -> bool:
+    def _accept(self, slot: Slot, token: int) -> bool:
         """Record a sampled token, emit the delta; True when the request is finished."""
         p = slot.params
         slot.sampled += 1
@@ -361,7 +365,7 @@ class Engine:
         self._emit(slot, new_ids, slot.text.take(final=True) if slot.text else "", reason)
         return True
 
-    def _emit(self, slot: _Slot, new_ids: list[int], text: str, reason: str | None, error: str | None = None) -> None:
+    def _emit(self, slot: Slot, new_ids: list[int], text: str, reason: str | None, error: str | None = None) -> None:
         if reason is not None:
             self.stats["finished"] += 1
             self.stats["aborted"] += reason == "abort"

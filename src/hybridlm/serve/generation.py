@@ -1,8 +1,10 @@
-"""Text generation: prefill once, then decode token by token on the inference cache.
+"""Text generation: prefill once, then fixed-shape decode steps on a static cache (`Decoder`).
 
-Batches of prompts of different lengths are **left-padded**: pads are masked out of
-attention and zeroed before every Mamba layer, so a padded prompt produces exactly the
-same continuation as the same prompt alone. Sampling: greedy (temperature 0),
+Batches of prompts of different lengths are **left-padded** for the prefill: pads are
+masked out of attention and are identity steps of every Mamba layer, and only each
+row's real tokens are copied into its static-cache slot, so a padded prompt produces
+exactly the same continuation as the same prompt alone. `compile=True` runs the decode
+step through `torch.compile` (see `hybridlm.serve.decoder`). Sampling: greedy (temperature 0),
 temperature, top-k and top-p (nucleus), reproducible with `seed`.
 """
 
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..model.lm import HybridLM
+from .decoder import Decoder
 from .sampling import SamplingParams, sample_next, sampling_params
 
 
@@ -32,7 +35,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 @torch.inference_mode()
 def generate(model: HybridLM, prompts: list[list[int]], params: SamplingParams | None = None,
-             **sampling: Any) -> list[list[int]]:
+             compile: bool = False, **sampling: Any) -> list[list[int]]:
     """Continue each prompt (token ids); returns the new tokens of each (cut after eos_id when given).
 
     Sampling follows `params`, with any `SamplingParams` field given as a keyword replaced:
@@ -47,11 +50,11 @@ def generate(model: HybridLM, prompts: list[list[int]], params: SamplingParams |
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     b = len(prompts)
-    cache = model.new_cache(b, capacity=ids.shape[1] + params.max_new_tokens)
-    logits = model(ids, cache, attention_mask=mask)[:, -1]
+    decoder = Decoder(model, b, max_len=_bucket(ids.shape[1] + params.max_new_tokens), compile=compile)
+    logits = decoder.prefill(ids, mask if len({len(p) for p in prompts}) > 1 else None)
     out = torch.empty(b, 0, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    for _ in range(params.max_new_tokens):
+    for i in range(params.max_new_tokens):
         nxt = sample_next(logits, params, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
@@ -59,8 +62,14 @@ def generate(model: HybridLM, prompts: list[list[int]], params: SamplingParams |
             done |= nxt == params.eos_id
             if bool(done.all()):
                 break
-        logits = model(nxt[:, None], cache)[:, -1]
+        if i + 1 < params.max_new_tokens:
+            logits = decoder.step(nxt)
     return [_cut(row.tolist(), params.eos_id) for row in out]
+
+
+def _bucket(length: int, step: int = 256) -> int:
+    """`length` rounded up to a multiple of `step`: fewer distinct cache shapes, fewer recompiles."""
+    return -(-length // step) * step
 
 
 def _cut(tokens: list[int], eos_id: int | None) -> list[int]:
@@ -70,12 +79,12 @@ def _cut(tokens: list[int], eos_id: int | None) -> list[int]:
 
 
 def generate_text(model: HybridLM, tokenizer, prompts: list[str], params: SamplingParams | None = None,
-                  **sampling: Any) -> list[str]:
+                  compile: bool = False, **sampling: Any) -> list[str]:
     """String in, string out, with any object having encode/decode (see `hybridlm.training.tokenizer`);
     sampling as in `generate`, stopping at the tokenizer's EOS unless `eos_id` is given."""
     params = sampling_params(params, **sampling)
     if params.eos_id is None:
         params = sampling_params(params, eos_id=getattr(tokenizer, "eos_id", None))
     encoded = [tokenizer.encode(p) for p in prompts]
-    new = generate(model, encoded, params)
+    new = generate(model, encoded, params, compile=compile)
     return [tokenizer.decode([t for t in toks if t != params.eos_id]) for toks in new]

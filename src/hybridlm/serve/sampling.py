@@ -1,7 +1,11 @@
 """Sampling one token from logits: greedy (temperature 0), temperature, top-k and top-p (nucleus).
 
-`SamplingParams` is what a request asks for; `sample_next` draws with a `torch.Generator`
-so seeded sampling is reproducible.
+`SamplingParams` is what a request asks for. `sample_rows` samples every row of a batch in
+one call, each row with its own temperature / top-k / top-p and its own uniform draw
+(inverse CDF over the filtered, sorted distribution), so each request can keep its own
+seeded `torch.Generator` and batched sampling equals sampling each row alone (the
+engine); `sample_next` is the one-generator form (`generate`). `filter_logits` is the
+readable reference of the same filters (tested equal).
 """
 
 from __future__ import annotations
@@ -55,11 +59,46 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return logits
 
 
+def ranked_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """(probs, order), both (b, vocab): each row's distribution after temperature, top-k and top-p,
+    over its tokens ranked by logit (stable sort, so ties keep id order); `order` maps rank -> id.
+
+    Per row: temperature (b,) (0 is treated as 1 here), top_k (b,) (0: off), top_p (b,) (1: off).
+    """
+    hot = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
+    ranked, order = torch.sort(logits.float() / hot[:, None], dim=-1, descending=True, stable=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, logits.shape[-1]))
+    probs = torch.softmax(ranked.masked_fill(rank >= k[:, None], float("-inf")), dim=-1)
+    # drop a token when the mass before it already reaches top_p (the top token always stays)
+    probs = probs.masked_fill((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None].float(), 0.0)
+    return probs / probs.sum(-1, keepdim=True), order
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, uniforms: Tensor) -> Tensor:
+    """Next token ids (b,) from logits (b, vocab), all rows at once (settings as in `ranked_probs`;
+    temperature 0: greedy). Each row's uniform draw in [0, 1) (b,) is inverted through the
+    cumulative distribution of its `ranked_probs`."""
+    probs, order = ranked_probs(logits, temperature, top_k, top_p)
+    cdf = torch.cumsum(probs.double(), dim=-1)                                        # (b, vocab)
+    kept = (probs > 0).sum(-1)
+    pick = (cdf < uniforms.double()[:, None] * cdf[:, -1:]).sum(-1).clamp(max=kept - 1)  # first rank past the draw
+    sampled = order.gather(1, pick[:, None]).squeeze(1)
+    return torch.where(temperature > 0, sampled, logits.float().argmax(dim=-1))
+
+
+def row_settings(params: list[SamplingParams], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """(temperature, top_k, top_p) tensors (b,) for `sample_rows`, one row per SamplingParams."""
+    return (torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_k or 0 for p in params], device=device),
+            torch.tensor([1.0 if p.top_p is None else p.top_p for p in params], device=device))
+
+
 def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """Next token ids (b,) from last-position logits (b, vocab)."""
-    logits = logits.float()
+    """Next token ids (b,) from last-position logits (b, vocab), every row with `params`;
+    one uniform per row from `generator` (none for greedy)."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return logits.float().argmax(dim=-1)
+    b = logits.shape[0]
+    settings = row_settings([params] * b, logits.device)
+    return sample_rows(logits, *settings, torch.rand(b, generator=generator, device=logits.device))
