@@ -1,11 +1,17 @@
 """Shared fixtures: a small token-shard directory cut from the bundled corpus, a tiny model config file,
-one intra-op thread, exact (non-TF32) CUDA matmuls."""
+one intra-op thread, exact (non-TF32) CUDA matmuls. Without CUDA, Triton kernels run in
+Triton's interpreter (it must be on before triton is first imported)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hybridlm.training.corpus import default_corpus_path, read_documents
 from hybridlm.training.shards import prepare_shards

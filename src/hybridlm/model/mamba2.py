@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from ..config import HybridConfig
 from .cache import MambaState
 from .norms import GatedRMSNorm, make_norm, maybe_norm
-from .ssd import ssd_chunked, ssd_step
+from .scan import chunked_scan
+from .ssd import ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -97,9 +98,10 @@ class Mamba2Mixer(nn.Module):
         dt = self._dt(dt)
         if valid is not None:
             dt = dt * valid[..., None]
-        y, final = ssd_chunked(x.reshape(b, l, h, p), dt, -torch.exp(self.A_log.float()), B.reshape(b, l, g, n),
-                               C.reshape(b, l, g, n), cfg.chunk_size, self.D,
-                               state.ssm if state is not None else None)
+        y, final = chunked_scan(u.device)(x.reshape(b, l, h, p), dt, -torch.exp(self.A_log.float()),
+                                          B.reshape(b, l, g, n),
+                                          C.reshape(b, l, g, n), cfg.chunk_size, self.D,
+                                          state.ssm if state is not None else None)
         if state is not None:
             state.ssm = final
         y = self.norm(y.reshape(b, l, self.d_inner), z)

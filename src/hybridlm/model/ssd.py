@@ -85,11 +85,30 @@ def segsum(a: Tensor) -> Tensor:
     return out.masked_fill(~keep, float("-inf"))
 
 
-def _to_chunks(t: Tensor, pad: int, chunk: int) -> Tensor:
+def to_chunks(t: Tensor, pad: int, chunk: int) -> Tensor:
     """(b, l, ...) -> (b, c, chunk, ...) after zero-padding l on the right."""
     if pad:
         t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
     return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])
+
+
+def pass_states(chunk_states: Tensor, chunk_log_decay: Tensor,
+                initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """States entering each chunk, and the final state.
+
+    chunk_states (b, c, h, p, n): each chunk's own contribution at its end; chunk_log_decay
+    (b, h, c): the summed dt * A of each chunk. entering_z = sum_{c<z} decay(c -> z) * state_c
+    (the initial state counts as chunk -1). Returns (b, c, h, p, n) and (b, h, p, n).
+    """
+    b, nc, h, p, n = chunk_states.shape
+    if initial_state is None:
+        init = chunk_states.new_zeros((b, 1, h, p, n))
+    else:
+        init = initial_state.to(chunk_states.dtype).reshape(b, 1, h, p, n)
+    states = torch.cat([init, chunk_states], dim=1)                        # (b, c+1, h, p, n)
+    decay = torch.exp(segsum(F.pad(chunk_log_decay, (1, 0))))            # (b, h, c+1, c+1)
+    passed = torch.einsum("bhzc,bchpn->bzhpn", decay, states)
+    return passed[:, :-1], passed[:, -1]
 
 
 def ssd_chunked(
@@ -109,10 +128,10 @@ def ssd_chunked(
     Q = chunk_size
     pad = (-l) % Q
     # (b, c, Q, ...) chunks; padded steps have dt = 0, so they neither decay nor write the state.
-    xc = _to_chunks(x.to(cdt), pad, Q)                       # (b, c, Q, h, p)
-    dtc = _to_chunks(dt.to(cdt), pad, Q)                     # (b, c, Q, h)
-    Bc = _to_chunks(B.to(cdt), pad, Q)                       # (b, c, Q, g, n)
-    Cc = _to_chunks(C.to(cdt), pad, Q)
+    xc = to_chunks(x.to(cdt), pad, Q)                       # (b, c, Q, h, p)
+    dtc = to_chunks(dt.to(cdt), pad, Q)                     # (b, c, Q, h)
+    Bc = to_chunks(B.to(cdt), pad, Q)                       # (b, c, Q, g, n)
+    Cc = to_chunks(C.to(cdt), pad, Q)
     nc = xc.shape[1]
 
     a = (dtc * A.to(cdt)).permute(0, 3, 1, 2)                # (b, h, c, Q) log-decay per step
@@ -130,16 +149,9 @@ def ssd_chunked(
     to_end = torch.exp(a_cum[..., -1:] - a_cum).reshape(b, g, r, nc, Q)  # (b, g, r, c, s)
     chunk_states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", Bc, to_end, xdt_g)
 
-    # 3. pass states across chunks: state entering chunk z = sum_{c<z} decay(c->z) * chunk_state_c
-    if initial_state is None:
-        init = chunk_states.new_zeros((b, 1, g, r, p, n))
-    else:
-        init = initial_state.to(cdt).reshape(b, 1, g, r, p, n)
-    states = torch.cat([init, chunk_states], dim=1)          # (b, c+1, g, r, p, n)
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    chunk_decay = chunk_decay.reshape(b, g, r, nc + 1, nc + 1)
-    passed = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-    entering, final = passed[:, :-1], passed[:, -1]          # (b, c, g, r, p, n), (b, g, r, p, n)
+    # 3. pass states across chunks
+    entering, final = pass_states(chunk_states.reshape(b, nc, h, p, n), a_cum[..., -1], initial_state)
+    entering = entering.reshape(b, nc, g, r, p, n)
 
     # 4. the entering state's contribution to each output: C_l . state * exp(a_{1..l})
     from_start = torch.exp(a_cum).reshape(b, g, r, nc, Q)    # (b, g, r, c, l)
@@ -148,4 +160,4 @@ def ssd_chunked(
     y = (y_diag + y_off).reshape(b, nc * Q, h, p)[:, :l]
     if D is not None:
         y = y + D.to(cdt)[:, None] * x.to(cdt)
-    return y.to(x.dtype), final.reshape(b, h, p, n)
+    return y.to(x.dtype), final
