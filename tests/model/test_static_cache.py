@@ -6,6 +6,7 @@ import torch
 from hybridlm.model.compiled import Compiled
 from hybridlm.model.decode_step import decode_step
 from hybridlm.model.static_cache import StaticCache
+from hybridlm.serve.decoder import step_function
 
 from helpers import left_padded_pair, small_model
 
@@ -84,10 +85,11 @@ def test_zero_graph_breaks_in_forward_and_decode_step():
 
 
 def test_compiled_decode_step_equals_eager():
-    """Inductor on a 1-layer-per-kind model (compiles in seconds), against the eager step."""
+    """Inductor (as the decoder uses it on this device) on a 1-layer-per-kind model (compiles in
+    seconds), against the eager step."""
     model = small_model(seed=8, pattern="M*-", d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=32)
     a, b, ids, mask = left_padded_pair(7, 4, seed=8)
-    compiled = Compiled(decode_step)
+    compiled = step_function(True, torch.device("cpu"))
     with torch.inference_mode():
         eager_cache, _ = prefilled_static(model, ids, mask, 2, 16)
         fast_cache, _ = prefilled_static(model, ids, mask, 2, 16)
@@ -114,3 +116,11 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         assert (out - ref).abs().max() == 0
         step(model, cache, torch.tensor([2]))  # no second warning, still eager
     assert step.fallback_reason == "RuntimeError: no C++ compiler found" and cache.lengths.tolist() == [0]
+
+
+def test_last_only_logits_equal_the_last_position():
+    model = small_model(seed=10)
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.inference_mode():
+        last = model(ids, last_only=True)
+        assert last.shape == (2, 1, 97) and (last - model(ids)[:, -1:]).abs().max() < 1e-6

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class Compiled:
-    """`fn` compiled with `dynamic=False, fullgraph=True` (and `mode`, e.g. "reduce-overhead")."""
+    """`fn` compiled with `dynamic=False, fullgraph=True`, and either a `mode` (e.g. "reduce-overhead")
+    or inductor `options` (e.g. ``{"cpp_wrapper": True}``)."""
 
-    def __init__(self, fn: Callable[..., Any], mode: str | None = None) -> None:
-        self.fn, self.mode = fn, mode
+    def __init__(self, fn: Callable[..., Any], mode: str | None = None, options: dict | None = None) -> None:
+        self.fn, self.mode, self.options = fn, mode, options
         self.compile_seconds = 0.0
         self.fallback_reason: str | None = None
         self._run: Callable[..., Any] | None = None
@@ -32,7 +33,7 @@ class Compiled:
         if self._run is not None:
             return self._run(*args)
         start = time.perf_counter()
-        compiled = torch.compile(self.fn, dynamic=False, fullgraph=True, mode=self.mode)
+        compiled = torch.compile(self.fn, dynamic=False, fullgraph=True, mode=self.mode, options=self.options)
         try:
             out = compiled(*args)
             self._run = compiled

@@ -92,8 +92,9 @@ class HybridLM(nn.Module):
 
     # ---- forward ---------------------------------------------------------
     def forward(self, input_ids: Tensor, cache: InferenceCache | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (b, l, vocab) for input_ids (b, l).
+                attention_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits (b, l, vocab) for input_ids (b, l); (b, 1, vocab) with `last_only` (prefill:
+        the head runs on the last position only).
 
         attention_mask (b, l): True for real tokens, False for padding (left, right or
         holes). With a `cache`, the call continues the cached sequences and updates the
@@ -110,6 +111,8 @@ class HybridLM(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             state = cache.layers[i] if cache is not None else None
             x = block(x, state, valid, key_valid)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.backbone.norm_f(x))
 
     def _check_inputs(self, input_ids: Tensor, valid: Tensor | None) -> None:

@@ -7,8 +7,8 @@
 The prompt goes through `HybridLM.forward` on a growable cache (chunked prefill, any
 padding), each row's real tokens are then copied once into its slot; every step after
 that is `decode_step`. `compile=True` wraps the step in `torch.compile` (inductor,
-`dynamic=False`; on CUDA `mode="reduce-overhead"`, i.e. CUDA graphs, with the cache
-buffers marked as static addresses). If compilation fails, a warning says why and the
+`dynamic=False`; on CPU with the C++ wrapper; on CUDA `mode="reduce-overhead"`, i.e.
+CUDA graphs, with the cache buffers marked as static addresses). If compilation fails, a warning says why and the
 step runs eagerly. Lengths are tracked on the host so a step never overflows `max_len`.
 """
 
@@ -26,12 +26,20 @@ from ..model.static_cache import StaticCache
 
 StepFn = Callable[[HybridLM, StaticCache, Tensor], Tensor]
 
+# Inductor on CPU: the C++ wrapper (no Python between the generated kernels), and batch-1
+# matmuls decomposed into fused multiply-sum reductions that inductor parallelises over the
+# output rows (MKL's batch-1 GEMV does not get faster with a second thread; these do).
+CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {
+    "decompose_mm_pass": {"cpu_max_other_dimension_decomposition": 1 << 20}}}
+
 
 def step_function(compile: bool, device: torch.device) -> StepFn | Compiled:
-    """The decode step to use: eager, or compiled (CUDA graphs on CUDA)."""
+    """The decode step to use: eager, or compiled: CUDA graphs on CUDA, `CPU_OPTIONS` on CPU."""
     if not compile:
         return decode_step
-    return Compiled(decode_step, "reduce-overhead" if device.type == "cuda" else None)
+    if device.type == "cuda":
+        return Compiled(decode_step, mode="reduce-overhead")
+    return Compiled(decode_step, options=CPU_OPTIONS)
 
 
 class Decoder:
@@ -60,7 +68,7 @@ class Decoder:
         growable = self.model.new_cache(b, capacity=l)
         for a in range(0, l, self.prefill_chunk):
             mask = None if attention_mask is None else attention_mask[:, a:a + self.prefill_chunk]
-            logits = self.model(ids[:, a:a + self.prefill_chunk], growable, attention_mask=mask)[:, -1]
+            logits = self.model(ids[:, a:a + self.prefill_chunk], growable, mask, last_only=True)[:, -1]
         self.lengths = [self.cache.write_slot(row, growable, row) for row in range(b)]
         return logits
 

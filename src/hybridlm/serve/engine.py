@@ -309,7 +309,7 @@ class Engine:
         """Prefill up to min(budget, prefill_chunk) more prompt tokens; at the end, join and sample."""
         a = slot.prefilled
         n = min(budget, self.prefill_chunk, slot.prompt.shape[1] - a)
-        logits = self.model(slot.prompt[:, a:a + n], slot.prefill_cache)[:, -1]  # (1, vocab)
+        logits = self.model(slot.prompt[:, a:a + n], slot.prefill_cache, last_only=True)[:, -1]  # (1, vocab)
         slot.prefilled += n
         self.stats["prefill_tokens"] += n
         self.stats["prefill_chunks"] += 1
