@@ -282,40 +282,22 @@ def llama_bench_cell(bins: dict[str, Path], gguf: Path, threads: int, context: i
 
 # ---- the PyTorch engines (run inside `bench_peers.py --worker`) ---------------------------
 class HybridRunner:
-    """hybridlm's fixed-shape `Decoder` (eager or compiled); eager falls back to the model's own cache."""
+    """hybridlm's fixed-shape `Decoder`, eager or compiled."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool) -> None:
-        self.model, self.batch, self.max_len, self.dec = model, batch, max_len, None
-        try:
-            from hybridlm.serve.decoder import Decoder
-        except ImportError:
-            if compile:
-                raise EngineUnavailable("hybridlm.serve.decoder (the fixed-shape Decoder) is not there yet")
-            self.kind = "model(ids, cache) (fallback: no hybridlm.serve.decoder yet)"
-            return
+        from hybridlm.serve.decoder import Decoder
         self.dec = Decoder(model, batch=batch, max_len=max_len, compile=compile)
         self.kind = f"Decoder(compile={compile})"
 
     @property
     def compile_seconds(self) -> float:
-        return float(getattr(self.dec, "compile_seconds", 0.0) or 0.0)
+        return self.dec.compile_seconds
 
     def prefill(self, ids: Tensor) -> Tensor:
-        if self.dec is not None:
-            return self.dec.prefill(ids)
-        import torch
-        self.cache = self.model.new_cache(ids.shape[0], self.max_len)
-        head, self.model.lm_head = self.model.lm_head, torch.nn.Identity()
-        try:  # the hidden states of the last position only through the head, as the Decoder does
-            hidden = self.model(ids, self.cache)[:, -1]
-        finally:
-            self.model.lm_head = head
-        return head(hidden)
+        return self.dec.prefill(ids)
 
     def step(self, tokens: Tensor) -> Tensor:
-        if self.dec is not None:
-            return self.dec.step(tokens)
-        return self.model(tokens[:, None], self.cache)[:, -1]
+        return self.dec.step(tokens)
 
 
 class TransformersRunner:

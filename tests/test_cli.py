@@ -61,6 +61,24 @@ def test_train_eval_generate_report_convert(tmp_path, small_shards, tiny_model_f
                  str(run / "final" / "tokenizer.json")]) == 0
 
 
+@pytest.mark.slow
+def test_generate_and_eval_with_compile_equal_eager(small_shards, tiny_model_file, capsys, one_thread):
+    """--compile: the same text and the same loss as eager, and the compile time on stderr."""
+    import torch
+    torch._dynamo.reset()
+    common = ["--config", tiny_model_file]
+    outputs = []
+    for extra in ([], ["--compile"]):
+        assert main(["generate", *common, "--prompt", "In the beginning", "--max-new-tokens", "6",
+                     "--temperature", "0", *extra]) == 0
+        assert main(["eval", *common, "--data", str(small_shards), "--seq-len", "32", "--batch-size", "2",
+                     "--batches", "2", *extra]) == 0
+        captured = capsys.readouterr()
+        outputs.append(captured.out)
+        assert ("compiled decode_step in" in captured.err and "compiled forward in" in captured.err) == bool(extra)
+    assert outputs[0] == outputs[1]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--model", "nonexistent"], "neither a preset"),
     (["--model", "tiny", "--init-from", "/nonexistent/ck"], "checkpoint directory not found"),

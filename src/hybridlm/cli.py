@@ -109,11 +109,13 @@ def add_compile_flag(p: argparse.ArgumentParser, what: str = "the decode step") 
 def show_compile_log() -> None:
     """Print `hybridlm.model.compiled`'s messages (the compile time) on stderr."""
     import logging
+
+    class ToStderr(logging.Handler):  # looks sys.stderr up at each message (it may be replaced)
+        def emit(self, record: logging.LogRecord) -> None:
+            print(record.getMessage(), file=sys.stderr, flush=True)
     logger = logging.getLogger("hybridlm.model.compiled")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
+        logger.addHandler(ToStderr())
     logger.setLevel(logging.INFO)
 
 

@@ -39,6 +39,14 @@ def alone(model, prompt, params):
     return generate(model, [prompt], params)[0]
 
 
+def greedy_request(engine, got, prompt, n):
+    """Submit a greedy request whose tokens collect in got[request_id]."""
+    r = Request(prompt, SamplingParams(max_new_tokens=n, temperature=0),
+                on_output=lambda o: got.setdefault(o.request_id, []).extend(o.token_ids))
+    engine.submit(r)
+    return r
+
+
 def test_cache_join_select_trim_equals_separate_caches(model):
     """Reference: every sequence decoded on its own cache. Joined (right-aligned, masked) rows must agree."""
     prompts, steps = PROMPTS[:3], [[1, 2], [3, 4], [5, 6]]
@@ -94,10 +102,7 @@ def test_join_and_leave_between_steps(model):
     got: dict[str, list[int]] = {}
 
     def request(prompt, n):
-        r = Request(prompt, SamplingParams(max_new_tokens=n, temperature=0),
-                    on_output=lambda o: got.setdefault(o.request_id, []).extend(o.token_ids))
-        engine.submit(r)
-        return r
+        return greedy_request(engine, got, prompt, n)
 
     a = request(PROMPTS[3], 20)
     for _ in range(5):
@@ -123,10 +128,7 @@ def test_long_prompt_joins_without_stalling_running_streams(model):
     got: dict[str, list[int]] = {}
 
     def request(prompt, n):
-        r = Request(prompt, SamplingParams(max_new_tokens=n, temperature=0),
-                    on_output=lambda o: got.setdefault(o.request_id, []).extend(o.token_ids))
-        engine.submit(r)
-        return r
+        return greedy_request(engine, got, prompt, n)
 
     a = request(PROMPTS[1], 30)
     engine.step()

@@ -124,13 +124,14 @@ class Attention(nn.Module):
         key_valid (s, max_len) marks the columns each slot may attend to (its new key included)."""
         s = x.shape[0]
         q, k, v = self._qkv(x[:, None])                            # (s, heads, 1, head_dim)
-        at = positions.view(s, 1, 1, 1).expand(s, self.n_kv_heads, 1, self.head_dim)
-        kv.k.scatter_(2, at, k)
-        kv.v.scatter_(2, at, v)
+        rows = torch.arange(s, device=x.device)
+        kv.k[rows, :, positions] = k[:, :, 0]   # index_put_: compiles to a write of s columns in place
+        kv.v[rows, :, positions] = v[:, :, 0]   # (scatter_ made inductor copy the whole buffer each step)
         mask = key_valid[:, None, None, :]                           # (s, 1, 1, max_len)
         if self.softcap or self.record_logits:
             out, self.last_logit_max = explicit_attention(q, kv.k, kv.v, mask, self.softcap,
                                                           record=self.record_logits)
-        else:
-            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, enable_gqa=True)
+        else:  # GQA with one query: a kv head's query heads are its "query positions" (no K/V copies)
+            grouped = q.view(s, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, kv.k, kv.v, attn_mask=mask)
         return maybe_norm(self.post_proj_norm, self.o_proj(out.reshape(s, -1)))

@@ -80,6 +80,21 @@ class KVCache:
         return 2 * b * h * self.length * d * self.k.element_size()
 
 
+def empty_mamba_state(cfg: HybridConfig, batch: int, device: torch.device | str, dtype: torch.dtype) -> MambaState:
+    """Zero conv window (batch, conv_dim, k - 1) in `dtype` and SSM state in at least float32."""
+    return MambaState(
+        conv=torch.zeros(batch, cfg.conv_dim, cfg.conv_kernel - 1, device=device, dtype=dtype),
+        ssm=torch.zeros(batch, cfg.mamba_heads, cfg.mamba_head_dim, cfg.ssm_state,
+                        device=device, dtype=torch.promote_types(dtype, torch.float32)))
+
+
+def empty_kv(cfg: HybridConfig, batch: int, length: int, device: torch.device | str,
+             dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Zero K and V buffers (batch, kv_heads, length, head_dim)."""
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+
 class InferenceCache:
     """Per-layer states for prefill + decode; `mask` (b, tokens seen) marks real (non-pad) tokens."""
 
@@ -94,15 +109,9 @@ class InferenceCache:
         layers: list[MambaState | KVCache | None] = []
         for kind in cfg.layer_kinds():
             if kind == "mamba":
-                layers.append(MambaState(
-                    conv=torch.zeros(batch, cfg.conv_dim, cfg.conv_kernel - 1, device=device, dtype=dtype),
-                    ssm=torch.zeros(batch, cfg.mamba_heads, cfg.mamba_head_dim, cfg.ssm_state,
-                                    device=device, dtype=torch.promote_types(dtype, torch.float32)),
-                ))
+                layers.append(empty_mamba_state(cfg, batch, device, dtype))
             elif kind == "attention":
-                shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
-                layers.append(KVCache(torch.zeros(shape, device=device, dtype=dtype),
-                                      torch.zeros(shape, device=device, dtype=dtype)))
+                layers.append(KVCache(*empty_kv(cfg, batch, capacity, device, dtype)))
             else:
                 layers.append(None)
         return cls(layers, batch, torch.device(device))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..config import HybridConfig
-from .cache import InferenceCache, MambaState
+from .cache import InferenceCache, MambaState, empty_kv, empty_mamba_state
 
 
 @dataclass
@@ -48,14 +48,9 @@ class StaticCache:
         layers: list[MambaState | StaticKV | None] = []
         for kind in cfg.layer_kinds():
             if kind == "mamba":
-                layers.append(MambaState(
-                    conv=torch.zeros(slots, cfg.conv_dim, cfg.conv_kernel - 1, device=device, dtype=dtype),
-                    ssm=torch.zeros(slots, cfg.mamba_heads, cfg.mamba_head_dim, cfg.ssm_state,
-                                    device=device, dtype=torch.promote_types(dtype, torch.float32))))
+                layers.append(empty_mamba_state(cfg, slots, device, dtype))
             elif kind == "attention":
-                shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-                layers.append(StaticKV(torch.zeros(shape, device=device, dtype=dtype),
-                                       torch.zeros(shape, device=device, dtype=dtype)))
+                layers.append(StaticKV(*empty_kv(cfg, slots, max_len, device, dtype)))
             else:
                 layers.append(None)
         zeros = torch.zeros(slots, dtype=torch.long, device=device)
