@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..config import HybridConfig
 from .cache import KVCache
 from .norms import make_norm, maybe_norm
+from .rowwise import project
 
 
 def attention_mask(q_len: int, key_valid: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ class Attention(nn.Module):
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections (+ the optional QKV / QK norms), as heads (b, n, l, head_dim)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         if self.qkv_norm is not None:
             qkv = self.qkv_norm(torch.cat([q, k, v], dim=-1))
             q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
@@ -134,4 +135,4 @@ class Attention(nn.Module):
         else:  # GQA with one query: a kv head's query heads are its "query positions" (no K/V copies)
             grouped = q.view(s, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             out = F.scaled_dot_product_attention(grouped, kv.k, kv.v, attn_mask=mask)
-        return maybe_norm(self.post_proj_norm, self.o_proj(out.reshape(s, -1)))
+        return maybe_norm(self.post_proj_norm, project(self.o_proj, out.reshape(s, -1)))

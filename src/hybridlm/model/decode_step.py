@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .lm import HybridLM
 from .norms import maybe_norm
+from .rowwise import project
 from .static_cache import StaticCache
 
 
@@ -37,13 +38,4 @@ def decode_step(model: HybridLM, cache: StaticCache, tokens: Tensor) -> Tensor:
             h = block.mixer(h)
         x = x + h
     cache.lengths.add_(cache.active)
-    return head(model, model.backbone.norm_f(x))
-
-
-def head(model: HybridLM, x: Tensor) -> Tensor:
-    """lm_head(x); compiled at one row on CPU, as a multiply-sum that inductor fuses and splits
-    over the vocabulary rows across threads (MKL's one-row GEMV does not use a second thread)."""
-    w = model.lm_head.weight
-    if torch.compiler.is_compiling() and x.shape[0] == 1 and w.device.type == "cpu":
-        return (x[:, None, :] * w).sum(-1)                        # (1, vocab)
-    return model.lm_head(x)
+    return project(model.lm_head, model.backbone.norm_f(x))

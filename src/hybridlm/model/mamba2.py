@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..config import HybridConfig
 from .cache import MambaState
 from .norms import GatedRMSNorm, make_norm, maybe_norm
+from .rowwise import project
 from .scan import chunked_scan
 from .ssd import ssd_step
 
@@ -112,7 +113,7 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b = u.shape[0]
         h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
+        z, xBC, dt = project(self.in_proj, u).split([self.d_inner, self.conv_dim, h], dim=-1)
         window = torch.cat([state.conv.to(xBC.dtype), xBC[..., None]], dim=-1)  # (b, conv_dim, k)
         state.conv.copy_(window[..., 1:])
         xBC = (window * self.conv1d.weight[:, 0]).sum(-1)  # one dot product per channel
@@ -123,4 +124,4 @@ class Mamba2Mixer(nn.Module):
                           B.view(b, g, n), C.view(b, g, n), self.D)
         state.ssm.copy_(ssm)
         y = self.norm(y.reshape(b, self.d_inner), z)
-        return maybe_norm(self.out_norm, self.out_proj(y))
+        return maybe_norm(self.out_norm, project(self.out_proj, y))

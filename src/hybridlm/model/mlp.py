@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..config import HybridConfig
 from .norms import make_norm, maybe_norm
+from .rowwise import project
 
 
 def relu2(x: Tensor) -> Tensor:
@@ -24,4 +25,4 @@ class MLP(nn.Module):
         self.post_fc2_norm = make_norm(cfg.post_fc2_norm, cfg.d_model, cfg.norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return maybe_norm(self.post_fc2_norm, self.down_proj(relu2(self.up_proj(x))))
+        return maybe_norm(self.post_fc2_norm, project(self.down_proj, relu2(project(self.up_proj, x))))
