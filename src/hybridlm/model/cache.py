@@ -15,6 +15,7 @@ embedding, so where a row's tokens sit does not change its attention, only the m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -80,19 +81,25 @@ class KVCache:
         return 2 * b * h * self.length * d * self.k.element_size()
 
 
-def empty_mamba_state(cfg: HybridConfig, batch: int, device: torch.device | str, dtype: torch.dtype) -> MambaState:
-    """Zero conv window (batch, conv_dim, k - 1) in `dtype` and SSM state in at least float32."""
-    return MambaState(
-        conv=torch.zeros(batch, cfg.conv_dim, cfg.conv_kernel - 1, device=device, dtype=dtype),
-        ssm=torch.zeros(batch, cfg.mamba_heads, cfg.mamba_head_dim, cfg.ssm_state,
-                        device=device, dtype=torch.promote_types(dtype, torch.float32)))
-
-
-def empty_kv(cfg: HybridConfig, batch: int, length: int, device: torch.device | str,
-             dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Zero K and V buffers (batch, kv_heads, length, head_dim)."""
-    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+def empty_layers(cfg: HybridConfig, batch: int, length: int, device: torch.device | str, dtype: torch.dtype,
+                 kv: Callable[[Tensor, Tensor], Any]) -> list[Any]:
+    """Zero per-layer state: `MambaState` (conv window in `dtype`, SSM state in at least float32)
+    for M layers, ``kv(k, v)`` of zero (batch, kv_heads, length, head_dim) buffers for attention
+    layers, None for MLPs. Shared by the growable and the static cache."""
+    layers: list[Any] = []
+    for kind in cfg.layer_kinds():
+        if kind == "mamba":
+            layers.append(MambaState(
+                conv=torch.zeros(batch, cfg.conv_dim, cfg.conv_kernel - 1, device=device, dtype=dtype),
+                ssm=torch.zeros(batch, cfg.mamba_heads, cfg.mamba_head_dim, cfg.ssm_state,
+                                device=device, dtype=torch.promote_types(dtype, torch.float32))))
+        elif kind == "attention":
+            shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+            layers.append(kv(torch.zeros(shape, device=device, dtype=dtype),
+                             torch.zeros(shape, device=device, dtype=dtype)))
+        else:
+            layers.append(None)
+    return layers
 
 
 class InferenceCache:
@@ -106,14 +113,7 @@ class InferenceCache:
     @classmethod
     def empty(cls, cfg: HybridConfig, batch: int, capacity: int = 256,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "InferenceCache":
-        layers: list[MambaState | KVCache | None] = []
-        for kind in cfg.layer_kinds():
-            if kind == "mamba":
-                layers.append(empty_mamba_state(cfg, batch, device, dtype))
-            elif kind == "attention":
-                layers.append(KVCache(*empty_kv(cfg, batch, capacity, device, dtype)))
-            else:
-                layers.append(None)
+        layers = empty_layers(cfg, batch, capacity, device, dtype, KVCache)
         return cls(layers, batch, torch.device(device))
 
     @property

@@ -13,7 +13,9 @@ compiles to one graph (`hybridlm.model.decode_step`). A sequence joins by copyin
 own prefilled `InferenceCache` row into a free slot (`write_slot`), and leaves by
 `free_slot`: the other slots are never copied. `lengths` and `active` are device tensors
 the step reads and advances; callers track the same lengths on the host to stay within
-`max_len`. The growable `InferenceCache` stays the simple reference (tested equal).
+`max_len`. On CUDA every buffer is marked as a static address, so a step compiled with
+CUDA graphs (the `Decoder`'s and the engine's alike) updates it in place. The growable
+`InferenceCache` stays the simple reference (tested equal).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..config import HybridConfig
-from .cache import InferenceCache, MambaState, empty_kv, empty_mamba_state
+from .cache import InferenceCache, MambaState, empty_layers
 
 
 @dataclass
@@ -39,20 +41,16 @@ class StaticCache:
     def __init__(self, layers: list[MambaState | StaticKV | None], lengths: Tensor, active: Tensor,
                  max_len: int) -> None:
         self.layers, self.lengths, self.active, self.max_len = layers, lengths, active, max_len
+        if lengths.is_cuda:  # fixed addresses: CUDA graphs of the compiled step replay on them in place
+            for t in self.tensors():
+                torch._dynamo.mark_static_address(t)
 
     @classmethod
     def empty(cls, cfg: HybridConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> "StaticCache":
         if slots < 1 or max_len < 1:
             raise ValueError(f"a static cache needs slots >= 1 and max_len >= 1, got {slots} and {max_len}")
-        layers: list[MambaState | StaticKV | None] = []
-        for kind in cfg.layer_kinds():
-            if kind == "mamba":
-                layers.append(empty_mamba_state(cfg, slots, device, dtype))
-            elif kind == "attention":
-                layers.append(StaticKV(*empty_kv(cfg, slots, max_len, device, dtype)))
-            else:
-                layers.append(None)
+        layers = empty_layers(cfg, slots, max_len, device, dtype, StaticKV)
         zeros = torch.zeros(slots, dtype=torch.long, device=device)
         return cls(layers, zeros, zeros.clone(), max_len)
 

@@ -8,7 +8,7 @@ The prompt goes through `HybridLM.forward` on a growable cache (chunked prefill,
 padding), each row's real tokens are then copied once into its slot; every step after
 that is `decode_step`. `compile=True` wraps the step in `torch.compile` (inductor,
 `dynamic=False`; on CPU with the C++ wrapper; on CUDA `mode="reduce-overhead"`, i.e.
-CUDA graphs, with the cache buffers marked as static addresses). If compilation fails, a warning says why and the
+CUDA graphs over the static cache's buffers). If compilation fails, a warning says why and the
 step runs eagerly. Lengths are tracked on the host so a step never overflows `max_len`.
 """
 
@@ -49,9 +49,6 @@ class Decoder:
         self.model, self.device, self.prefill_chunk = model, p.device, prefill_chunk
         self.cache = StaticCache.empty(model.cfg, batch, max_len, device=p.device, dtype=p.dtype)
         self._step = step if step is not None else step_function(compile, p.device)
-        if isinstance(self._step, Compiled) and p.device.type == "cuda":
-            for t in self.cache.tensors():
-                torch._dynamo.mark_static_address(t)
         self.lengths = [0] * batch  # host copy of cache.lengths
 
     @property
