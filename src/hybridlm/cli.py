@@ -171,13 +171,22 @@ def resolve_device(name: str | None) -> str:
 
 
 def load_tokenizer_for(args: argparse.Namespace):
+    """--tokenizer, else the checkpoint's tokenizer.json, else the bundled one; the chat template is
+    --chat-template, else the tokenizer's, else the checkpoint directory's (if any)."""
+    from .training.chat_template import load_chat_template, read_chat_template_file
     from .training.tokenizer import Tokenizer, default_tokenizer
+    dirs = [Path(d) for d in (args.ckpt, args.hf) if d]
     if getattr(args, "tokenizer", None):
-        return Tokenizer.from_file(args.tokenizer)
-    for d in (args.ckpt, args.hf):
-        if d and (Path(d) / "tokenizer.json").is_file():
-            return Tokenizer.from_file(Path(d) / "tokenizer.json")
-    return default_tokenizer()
+        tok = Tokenizer.from_file(args.tokenizer)
+    else:
+        found = [d / "tokenizer.json" for d in dirs if (d / "tokenizer.json").is_file()]
+        tok = Tokenizer.from_file(found[0]) if found else default_tokenizer()
+    template = read_chat_template_file(args.chat_template) if getattr(args, "chat_template", None) else None
+    for d in dirs:
+        template = template or tok.chat_template or (load_chat_template(d) if d.is_dir() else None)
+    if template is not None:
+        tok = Tokenizer(tok.backend, tok.eos_token, chat_template=template)
+    return tok
 
 
 # ---- commands -------------------------------------------------------------------
@@ -514,6 +523,15 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; if absent, torch's choice")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--chat-template", help="a Jinja chat template (.jinja, or a tokenizer_config.json); if absent, "
+                   "the checkpoint's, else a plain 'Role: text' template")
+    p.add_argument("--reasoning-parser", metavar="NAME",
+                   help="split <think>...</think> of chat answers into reasoning_content (vLLM's field): "
+                        "think, deepseek_r1, qwen3 or nemotron (all the same <think> format)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /docs "
+                   "(default: $HYBRIDLM_API_KEY if set, else no key)")
+    p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="browser origins allowed by CORS, e.g. http://localhost:3000 or '*' (default: none)")
     add_compile_flag(p)
 
     def run(a):
@@ -534,10 +552,16 @@ def _serve(p: argparse.ArgumentParser):
         engine = Engine(model, tok, max_batch=a.max_batch, max_queue=a.max_queue, max_model_len=a.max_model_len,
                         prefill_chunk=a.prefill_chunk, prefill_tokens_per_step=a.prefill_budget,
                         compile=a.compile)
-        app = create_app(engine, tok, ServerSettings(model_name=name, max_request_bytes=a.max_request_bytes,
-                                                     default_max_tokens=a.default_max_tokens))
-        print(f"serving {name!r} ({model.num_params():,} params, context {engine.max_model_len}) on "
-              f"http://{a.host}:{a.port}/v1", flush=True)
+        from .serve.reasoning import reasoning_parser
+        from .serve.security import api_key_from
+        settings = ServerSettings(model_name=name, max_request_bytes=a.max_request_bytes,
+                                  default_max_tokens=a.default_max_tokens, api_key=api_key_from(a.api_key),
+                                  allowed_origins=a.allowed_origins,
+                                  reasoning_tags=reasoning_parser(a.reasoning_parser) if a.reasoning_parser else None)
+        app = create_app(engine, tok, settings)
+        template = "its chat template" if tok.chat_template else "the plain chat template"
+        print(f"serving {name!r} ({model.num_params():,} params, context {engine.max_model_len}, {template}"
+              f"{', API key required' if settings.api_key else ''}) on http://{a.host}:{a.port}/v1", flush=True)
         serve(app, a.host, a.port, a.log_level)
     return run
 

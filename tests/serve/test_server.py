@@ -168,7 +168,7 @@ BAD = [
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     400, "text parts"),
+     400, "'messages.0.content.0.type'"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
@@ -176,7 +176,26 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": 7}, 400, "temperature"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"model": NAME, "prompt": "hi", "n": 50}, 400, "n must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "n": 50}, 400, "'n'"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "seed": 2 ** 64}, 400, "'seed'"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "seed": -(2 ** 63) - 1}, 400, "'seed'"),
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "hi", "seed": ' + b"7" * 5000 + b"}", 400,
+     "not valid JSON"),  # longer than Python's 4300-digit int limit
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "hi", "temperature": NaN}', 400, "not valid JSON"),
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "\\ud800"}', 400, "surrogate"),
+    ("/v1/chat/completions", b'{"model": "tiny-test", "messages": [{"role": "user", "content": "a\\udfff"}]}', 400, "surrogate"),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}', 400, "surrogate"),
+    ("/v1/completions", {"model": NAME, "prompt": ["hi"] * 200}, 400, "at once"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stream": True, "stream_options": 3}, 400, "stream_options"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stream": "yes"}, 400, "'stream'"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": "5"}, 400, "'max_tokens'"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 21}, 400, "'logprobs'"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "presence_penalty": 0.5}, 400, "not supported"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "best_of": 3}, 400, "not supported"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logit_bias": {"5": 1.0}},
+     400, "not supported"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 99999]}, 400, "token ids"),
     ("/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": LONG, "max_tokens": 1}, 400, "maximum context length"),
@@ -210,7 +229,9 @@ def test_bad_input_through_the_client(client):
 
 def test_wrong_method_and_route(server):
     r = httpx.get(server.url + "/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and "error" in r.json() and r.headers["allow"] == "POST"
+    r = httpx.delete(server.url + "/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
     r = httpx.post(server.url + "/v1/nothing", json={})
     assert r.status_code == 404 and "error" in r.json()
 
@@ -219,7 +240,7 @@ def test_chunked_body_over_the_limit(server):
     def body():
         for _ in range(100):
             yield b"x" * 1024  # no Content-Length: the limit is enforced while reading
-    r = httpx.post(server.url + "/v1/completions", content=body())
+    r = httpx.post(server.url + "/v1/completions", content=body(), headers={"content-type": "application/json"})
     assert r.status_code == 413
 
 

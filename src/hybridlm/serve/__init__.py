@@ -4,7 +4,7 @@
     generation.py  `generate` (token ids) and `generate_text` (strings): prefill, then decode on the cache
     detokenize.py  incremental detokenization and stop strings
     engine.py      `Engine`: continuous batching, one cache row per request, a background thread
-    schemas.py     OpenAI request / response / error shapes     chat.py  the chat template for base models
+    schemas.py     OpenAI request / response / error shapes     chat.py  chat prompts: the checkpoint's template, or a plain one
     routes.py      the /v1 endpoints                            app.py   FastAPI assembly, uvicorn
 """
 

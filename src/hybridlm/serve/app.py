@@ -1,28 +1,26 @@
 """The OpenAI-compatible HTTP server: app assembly (FastAPI), `serve` (uvicorn), and a background server for tests.
 
 The engine runs in its own thread, started and stopped with the app; the endpoints are
-in `hybridlm.serve.routes`, the protocol shapes in `hybridlm.serve.schemas`. Every error,
-routing ones included (404 unknown route, 405 wrong method), is OpenAI-shaped.
+in `hybridlm.serve.routes` (attached with their OpenAPI document by `hybridlm.serve.api`),
+the request models in `hybridlm.serve.schemas`, the errors in `hybridlm.serve.errors`,
+the API key / CORS / docs page in `hybridlm.serve.security`.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
+from .api import add_routes
 from .engine import Engine
-from .routes import OpenAIRoutes, ServerSettings, add_routes
-from .schemas import APIError, error_response
-
-log = logging.getLogger(__name__)
+from .errors import add_error_handlers
+from .routes import OpenAIRoutes, ServerSettings
+from .security import add_docs_page, secure
 
 __all__ = ["BackgroundServer", "ServerSettings", "create_app", "serve"]
 
@@ -42,28 +40,13 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings | None = None
         finally:
             engine.stop()
 
-    app = FastAPI(title="hybridlm", lifespan=lifespan)
+    app = FastAPI(title="hybridlm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible completions and chat over one hybrid Mamba-Transformer model.")
     add_error_handlers(app)
     add_routes(app, OpenAIRoutes(engine, tokenizer, settings))
+    add_docs_page(app)
+    secure(app, settings.api_key, settings.allowed_origins)
     return app
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """OpenAI-shaped bodies for our errors, routing errors and anything unexpected (500)."""
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
-        return error_response(err.status, err.message, err.type, err.param, err.code)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(err.status_code, str(err.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def _internal(_: HTTPRequest, err: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(err).__name__}", "server_error")
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -36,12 +36,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from ..model.lm import HybridLM
 from .detokenize import TextState
-from .sampling import SamplingParams, row_settings, sample_rows
+from .logprobs import TokenLogprob, chunk_prompt_logprobs
+from .pick import Pick, pick_tokens
+from .reasoning import opens_thinking
+from .sampling import SamplingParams
 from .slots import Slot, SlotTable
+from .thinking import FORCED_CLOSE, ThinkingBudget
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0           # tokens sampled so far, an EOS included
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None   # per sampled token of this delta, an EOS included
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, in the first output: [None, ...]
 
 
 @dataclass
@@ -167,8 +172,10 @@ class Engine:
     def validate(self, request: Request) -> None:
         p, ids = request.params, request.prompt_ids
         p.validate()
-        if p.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+        if p.max_new_tokens < 1 and p.prompt_logprobs is None:
+            raise ValueError(f"max_new_tokens must be >= 1 (0 only to score the prompt), got {p.max_new_tokens}")
+        if p.thinking_budget is not None and self.tokenizer is None:
+            raise ValueError("a thinking budget needs an engine with a tokenizer")
         if not ids:
             raise ValueError("the prompt needs at least one token")
         vocab = self.model.cfg.vocab_size
@@ -291,6 +298,11 @@ class Engine:
         slot = Slot(req, gen, text)
         slot.prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
         slot.prefill_cache = self.model.new_cache(1, capacity=slot.prompt.shape[1])
+        if req.params.prompt_logprobs is not None:
+            slot.prompt_logprobs = [None]  # the first prompt token has nothing before it
+        if req.params.thinking_budget is not None:
+            slot.think = ThinkingBudget(req.params.thinking_budget, opens_thinking(self.tokenizer.decode(req.prompt_ids)),
+                                        self.tokenizer.encode(FORCED_CLOSE))
         return slot
 
     def _prefill(self) -> None:
@@ -309,41 +321,43 @@ class Engine:
         """Prefill up to min(budget, prefill_chunk) more prompt tokens; at the end, join and sample."""
         a = slot.prefilled
         n = min(budget, self.prefill_chunk, slot.prompt.shape[1] - a)
-        logits = self.model(slot.prompt[:, a:a + n], slot.prefill_cache, last_only=True)[:, -1]  # (1, vocab)
+        scoring = slot.prompt_logprobs is not None
+        logits = self.model(slot.prompt[:, a:a + n], slot.prefill_cache, last_only=not scoring)[0]  # (n or 1, vocab)
+        if scoring:
+            slot.prompt_logprobs += chunk_prompt_logprobs(logits, slot.prompt[0], a, slot.params.prompt_logprobs)
         slot.prefilled += n
         self.stats["prefill_tokens"] += n
         self.stats["prefill_chunks"] += 1
         if slot.prefilled == slot.prompt.shape[1]:
-            self._table.join(slot, slot.prefill_cache)
-            slot.prompt = slot.prefill_cache = None
-            if self._accept(slot, self._sample(logits, [slot])[0]):
+            cache, slot.prompt, slot.prefill_cache = slot.prefill_cache, None, None
+            if slot.params.max_new_tokens == 0:  # prompt scoring only
+                self._emit(slot, [], "", "length")
+                self._leave(slot)
+                return n
+            self._table.join(slot, cache)
+            if self._accept(slot, pick_tokens(logits[-1:], [slot])[0]):
                 self._leave(slot)
         return n
 
     def _decode(self) -> None:
         running, logits = self._table.decode()
-        new = self._sample(logits, running)
-        self.stats["decode_tokens"] += len(new)
-        for slot, token in zip(running, new):
-            if self._accept(slot, token):
+        picks = pick_tokens(logits, running)
+        self.stats["decode_tokens"] += len(picks)
+        for slot, pick in zip(running, picks):
+            if self._accept(slot, pick):
                 self._leave(slot)
 
     def _leave(self, slot: Slot) -> None:
         self._table.release(slot)
         self._slots = [s for s in self._slots if s is not slot]
 
-    @staticmethod
-    def _sample(logits: Tensor, slots: list[Slot]) -> list[int]:
-        """One token per row of logits (b, vocab), all rows in one call; each row draws its
-        uniform from its own request's generator (greedy rows draw nothing)."""
-        draws = [torch.rand(1, generator=s.generator, device=logits.device) if s.params.temperature > 0
-                 else logits.new_zeros(1, dtype=torch.float32) for s in slots]
-        settings = row_settings([s.params for s in slots], logits.device)
-        return sample_rows(logits, *settings, torch.cat(draws)).tolist()
-
-    def _accept(self, slot: Slot, token: int) -> bool:
-        """Record a sampled token, emit the delta; True when the request is finished."""
-        p = slot.params
+    def _accept(self, slot: Slot, pick: Pick) -> bool:
+        """Record a sampled token, emit the delta; True when the request is finished
+        (a failed pick ends its request alone, with finish_reason 'error')."""
+        if pick.token is None:
+            self._emit(slot, [], slot.text.take(final=True) if slot.text else "", "error", error=pick.error)
+            return True
+        p, token, lps = slot.params, pick.token, None if pick.logprob is None else [pick.logprob]
         slot.sampled += 1
         new_ids: list[int] = []
         reason = None
@@ -354,18 +368,21 @@ class Engine:
             slot.token_ids.append(token)
             if slot.text is not None and slot.text.add(token):
                 reason = "stop"
+        if slot.think is not None and slot.text is not None:
+            slot.think.observe(slot.text.text)
         if reason is None and slot.sampled >= p.max_new_tokens:
             reason = "length"
         if reason is None:
             slot.pending = token
-            self._emit(slot, new_ids, slot.text.take(final=False) if slot.text else "", None)
+            self._emit(slot, new_ids, slot.text.take(final=False) if slot.text else "", None, logprobs=lps)
             return False
         if slot.text is not None and reason != "stop":
             slot.text.flush()  # an incomplete character at the very end: send what there is
-        self._emit(slot, new_ids, slot.text.take(final=True) if slot.text else "", reason)
+        self._emit(slot, new_ids, slot.text.take(final=True) if slot.text else "", reason, logprobs=lps)
         return True
 
-    def _emit(self, slot: Slot, new_ids: list[int], text: str, reason: str | None, error: str | None = None) -> None:
+    def _emit(self, slot: Slot, new_ids: list[int], text: str, reason: str | None, error: str | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> None:
         if reason is not None:
             self.stats["finished"] += 1
             self.stats["aborted"] += reason == "abort"
@@ -373,7 +390,8 @@ class Engine:
         if cb is None:
             return
         out = RequestOutput(slot.request.request_id, new_ids, text, reason is not None, reason,
-                            len(slot.request.prompt_ids), slot.sampled, error)
+                            len(slot.request.prompt_ids), slot.sampled, error, logprobs, slot.prompt_logprobs)
+        slot.prompt_logprobs = None  # sent once
         try:
             cb(out)
         except Exception:  # a broken consumer must not take the engine down

@@ -25,6 +25,7 @@ from ..model.compiled import Compiled
 from .decoder import step_function
 from .detokenize import TextState
 from .sampling import SamplingParams
+from .thinking import ThinkingBudget
 
 MIN_CAPACITY = 256
 
@@ -42,6 +43,8 @@ class Slot:
     pending: int = -1                      # last sampled token, fed at the next decode step
     sampled: int = 0                       # tokens sampled so far (an EOS included)
     token_ids: list[int] = field(default_factory=list)
+    think: "ThinkingBudget | None" = None  # the request's thinking budget, when it has one
+    prompt_logprobs: list | None = None    # [None, TokenLogprob, ...] while prefilling, when asked
 
     @property
     def params(self) -> SamplingParams:

@@ -4,7 +4,7 @@ This module owns
 
 * :class:`Tokenizer` - a small wrapper over ``tokenizers.Tokenizer`` with the interface the
   rest of hybridlm uses (``encode`` / ``encode_batch`` / ``decode`` / ``vocab_size`` /
-  ``eos_id`` / ``save``). Encoding never adds special tokens and decoding never drops
+  ``eos_id`` / ``chat_template`` / ``save``). Encoding never adds special tokens and decoding never drops
   them, so for byte-level BPE ``decode(encode(text)) == text`` for every string.
 * :func:`train_tokenizer` - trains a GPT-2 style byte-level BPE (ByteLevel pre-tokenizer
   without prefix space + ByteLevel decoder, all 256 bytes in the base vocabulary) whose
@@ -15,6 +15,7 @@ This module owns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .chat_template import ChatTemplate, load_chat_template
 from .corpus import ASSETS_DIR, PathLike, iter_documents
 
 EOS_TOKEN = "<|endoftext|>"
@@ -33,14 +35,21 @@ _MIN_VOCAB = 257  # 256 byte tokens + <|endoftext|>
 
 
 class Tokenizer:
-    """Thin wrapper over a ``tokenizers.Tokenizer`` with an explicit EOS token."""
+    """Thin wrapper over a ``tokenizers.Tokenizer`` with an explicit EOS token and an optional chat template.
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str | None = None) -> None:
+    A ``chat_template`` without an ``eos_token`` of its own gets this tokenizer's EOS token.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str | None = None,
+                 chat_template: ChatTemplate | None = None) -> None:
         self._tok = tokenizer
         self.eos_token = eos_token if eos_token is not None else _guess_eos_token(tokenizer)
         self.eos_id: int | None = None if self.eos_token is None else tokenizer.token_to_id(self.eos_token)
         if self.eos_token is not None and self.eos_id is None:
             raise ValueError(f"EOS token {self.eos_token!r} is not in the vocabulary")
+        if chat_template is not None and chat_template.eos_token is None and self.eos_token is not None:
+            chat_template = dataclasses.replace(chat_template, eos_token=self.eos_token)
+        self.chat_template = chat_template
 
     @classmethod
     def from_file(cls, path: PathLike, eos_token: str | None = None) -> Tokenizer:
@@ -48,7 +57,9 @@ class Tokenizer:
 
         The EOS token is ``eos_token`` if given, else ``eos_token`` from a sibling
         ``tokenizer_config.json``, else the first of ``<|endoftext|>``, ``</s>``,
-        ``<eos>``, ... present in the vocabulary, else None.
+        ``<eos>``, ... present in the vocabulary, else None. The chat template is the
+        directory's ``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``
+        (see :func:`hybridlm.training.chat_template.load_chat_template`), else None.
         """
         path = Path(path)
         if path.is_dir():
@@ -59,7 +70,8 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises plain Exception for malformed files
             raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
-        return cls(tok, eos_token if eos_token is not None else _config_eos_token(path.parent))
+        return cls(tok, eos_token if eos_token is not None else _config_eos_token(path.parent),
+                   chat_template=load_chat_template(path.parent))
 
     @property
     def vocab_size(self) -> int:
