@@ -76,3 +76,47 @@ def norm_of(module, x):
 
 def head_out(model, x):
     return F.linear(rms(x, model.backbone.norm_f.weight), model.lm_head.weight)
+
+
+# ---- the HTTP server ----
+def sse_payloads(lines) -> list:
+    """The payloads of a server-sent event stream's ``data:`` lines: parsed JSON objects, then "[DONE]"."""
+    import json
+
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+SERVED_NAME, SERVED_CONTEXT = "tiny-test", 512   # the model behind tests/serve/conftest.py's `server`
+
+
+def text_model(context: int = 512, seed: int = 1) -> HybridLM:
+    """`TINY_MODEL` (the bundled tokenizer's vocabulary) with a `context`-token limit, random weights."""
+    torch.manual_seed(seed)
+    return HybridLM(HybridConfig(**{**TINY_MODEL, "max_seq_len": context})).eval()
+
+
+def serving(model, tokenizer, max_batch: int = 8, max_queue: int = 32, **settings):
+    """`hybridlm serve` in this process with one intra-op thread (a context manager yielding the
+    `BackgroundServer`, its `engine` attached); `settings` are `ServerSettings` fields."""
+    from contextlib import contextmanager
+
+    from hybridlm.serve.app import BackgroundServer, ServerSettings, create_app
+    from hybridlm.serve.engine import Engine
+
+    @contextmanager
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+            with BackgroundServer(create_app(engine, tokenizer, ServerSettings(**settings))) as srv:
+                srv.engine = engine
+                yield srv
+        finally:
+            torch.set_num_threads(threads)
+    return run()

@@ -173,7 +173,7 @@ def resolve_device(name: str | None) -> str:
 def load_tokenizer_for(args: argparse.Namespace):
     """--tokenizer, else the checkpoint's tokenizer.json, else the bundled one; the chat template is
     --chat-template, else the tokenizer's, else the checkpoint directory's (if any)."""
-    from .training.chat_template import load_chat_template, read_chat_template_file
+    from .interop.chat_template import load_chat_template, read_chat_template_file
     from .training.tokenizer import Tokenizer, default_tokenizer
     dirs = [Path(d) for d in (args.ckpt, args.hf) if d]
     if getattr(args, "tokenizer", None):

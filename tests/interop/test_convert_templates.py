@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hybridlm.interop.checkpoint import save_model
 from hybridlm.interop.convert import convert, detect_format
-from hybridlm.training.chat_template import ChatTemplate, load_chat_template
+from hybridlm.interop.chat_template import ChatTemplate, load_chat_template
 from hybridlm.training.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
 
 from helpers import small_model

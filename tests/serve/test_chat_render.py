@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from hybridlm.serve.chat import CHAT_STOP, chat_prompt, chat_stop, render_chat, template_messages
 from hybridlm.serve.schemas import APIError, ChatMessage
-from hybridlm.training.chat_template import ChatTemplate, read_chat_template_file
+from hybridlm.interop.chat_template import ChatTemplate, read_chat_template_file
 
 NANO2_LIKE = Path(__file__).resolve().parents[1] / "data" / "nano2_like_chat_template.jinja"
 

@@ -19,42 +19,15 @@ import pytest
 import requests
 import torch
 
-from hybridlm.config import HybridConfig
-from hybridlm.model import HybridLM
-from hybridlm.serve.app import BackgroundServer, ServerSettings, create_app
-from hybridlm.serve.engine import Engine
-from hybridlm.training.tokenizer import DEFAULT_TOKENIZER_PATH, EOS_TOKEN, default_tokenizer
+from hybridlm.training.tokenizer import DEFAULT_TOKENIZER_PATH, EOS_TOKEN
 
-from helpers import TINY_MODEL
+from helpers import SERVED_CONTEXT, SERVED_NAME
 
-NAME = "tiny-test"
-CONTEXT = 512
+NAME, CONTEXT = SERVED_NAME, SERVED_CONTEXT  # the `server` fixture (tests/serve/conftest.py)
 TASK = "hybridlm_kjv_mc"
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval_tasks"
 BATCH = 4  # prompts per request: lm-eval sends this many (context + continuation) token lists at once
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(1)
-    return HybridLM(HybridConfig(**{**TINY_MODEL, "max_seq_len": CONTEXT})).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model, tok):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = Engine(model, tok, max_batch=8, max_queue=32)
-    app = create_app(engine, tok, ServerSettings(model_name=NAME))
-    with BackgroundServer(app) as srv:
-        yield srv
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +107,9 @@ def extra_docs(model, tok, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def lm_eval_run(server, hf_tokenizer_dir, extra_docs):
+def evaluate(server, extra_docs, **tokenizer_args):
     """One `lm_eval.simple_evaluate` of the task (and `extra_docs`) through the server; also every body
-    lm-eval posted."""
+    lm-eval posted to /v1/completions."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -147,9 +119,8 @@ def lm_eval_run(server, hf_tokenizer_dir, extra_docs):
         bodies.append((url, kwargs.get("json")))
         return post(url, *args, **kwargs)
 
-    model_args = dict(model=NAME, base_url=server.url + "/v1/completions", tokenizer=str(hf_tokenizer_dir),
-                      tokenizer_backend="huggingface", tokenized_requests=True, num_concurrent=1,
-                      max_retries=1, max_length=CONTEXT, timeout=60)
+    model_args = dict(model=NAME, base_url=server.url + "/v1/completions", tokenized_requests=True,
+                      num_concurrent=1, max_retries=1, max_length=CONTEXT, timeout=60, **tokenizer_args)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(requests, "post", recording_post)
         results = lm_eval.simple_evaluate(
@@ -158,6 +129,21 @@ def lm_eval_run(server, hf_tokenizer_dir, extra_docs):
                                      metadata={"extra_docs": str(extra_docs)}),
             log_samples=True, bootstrap_iters=0, cache_requests=False)
     return results, bodies
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run(server, hf_tokenizer_dir, extra_docs):
+    return evaluate(server, extra_docs, tokenizer=str(hf_tokenizer_dir), tokenizer_backend="huggingface")
+
+
+def test_lm_eval_tokenizes_through_the_server(server, extra_docs, lm_eval_run):
+    """With no local tokenizer, lm-eval's remote backend uses /tokenizer_info, /tokenize and /detokenize:
+    the same requests and the same loglikelihoods."""
+    results, bodies = evaluate(server, extra_docs, tokenizer_backend="remote")
+    local, local_bodies = lm_eval_run
+    assert [b for _, b in bodies if "echo" in (b or {})] == [b for _, b in local_bodies]
+    assert [s["filtered_resps"] for s in results["samples"][TASK]] == \
+        [s["filtered_resps"] for s in local["samples"][TASK]]
 
 
 def test_lm_eval_sends_batched_token_ids(lm_eval_run, tok):

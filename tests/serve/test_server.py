@@ -15,45 +15,17 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-from hybridlm.config import HybridConfig
-from hybridlm.model import HybridLM
 from hybridlm.serve.app import BackgroundServer, ServerSettings, create_app
 from hybridlm.serve.chat import CHAT_STOP, chat_prompt
 from hybridlm.serve.engine import Engine, wait_idle
 from hybridlm.serve.generation import generate
 from hybridlm.serve.sampling import SamplingParams
 from hybridlm.serve.schemas import ChatMessage
-from hybridlm.training.tokenizer import default_tokenizer
 
-from helpers import TINY_MODEL
+from helpers import SERVED_CONTEXT, SERVED_NAME
 
-NAME = "tiny-test"
-CONTEXT = 512
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(1)
-    return HybridLM(HybridConfig(**{**TINY_MODEL, "max_seq_len": CONTEXT})).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model, tok):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = Engine(model, tok, max_batch=8, max_queue=32)
-    app = create_app(engine, tok, ServerSettings(model_name=NAME, max_request_bytes=64 * 1024))
-    with BackgroundServer(app) as srv:
-        srv.engine = engine
-        yield srv
-    torch.set_num_threads(threads)
+NAME, CONTEXT = SERVED_NAME, SERVED_CONTEXT  # the `server` fixture (tests/serve/conftest.py)
 
 
 @pytest.fixture(scope="module")

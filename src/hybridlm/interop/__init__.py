@@ -5,6 +5,7 @@
     hf_config.py   `NemotronHConfig` <-> `HybridConfig`
     hf_weights.py  `NemotronHForCausalLM` weights, single-file or sharded
     convert.py     `load` either format, `convert` between them
+    chat_template.py  checkpoints' chat templates: found, rendered in a Jinja sandbox as transformers does
 """
 
 from .checkpoint import load_model, read_config, save_model

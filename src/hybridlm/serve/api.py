@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from .routes import OpenAIRoutes
 from .schemas import ChatBody, CompletionBody, DetokenizeBody, ErrorBody, TokenizeBody
-from .tokenize import detokenize, tokenize
+from .tokenize import detokenize, tokenize, tokenizer_info
 
 ERRORS = {400: "invalid request", 404: "unknown model", 413: "body too large", 415: "body not JSON",
           429: "queue full, retry later", 500: "generation failed"}
@@ -40,7 +40,7 @@ def errors(*codes: int, auth: bool) -> dict[int | str, dict[str, Any]]:
 
 def add_routes(app: FastAPI, routes: OpenAIRoutes) -> None:
     """Attach the endpoints of `routes` to `app`, and the OpenAPI document."""
-    auth = routes.settings.api_key is not None
+    auth = bool(routes.settings.api_key)  # as `secure`: an empty key is no key
     post = (400, 404, 413, 415)
 
     @app.get("/health", summary="liveness and load")
@@ -76,6 +76,10 @@ def add_routes(app: FastAPI, routes: OpenAIRoutes) -> None:
     engine = routes.engine
     limits = {"vocab": engine.model.cfg.vocab_size - 1, "context": engine.max_model_len,
               "capacity": engine.max_batch + engine.max_queue}
+    @app.get("/tokenizer_info", summary="special tokens and chat template (vLLM's)", responses=errors(auth=auth))
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenizer_info(routes)
+
     app.openapi = lambda: openapi_document(app, auth, routes.settings.model_name, limits)
 
 

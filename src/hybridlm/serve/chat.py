@@ -1,7 +1,7 @@
 """Chat prompts: the checkpoint's own chat template when it has one, else a plain template for base models.
 
 `render_chat` renders the messages with the tokenizer's
-:class:`~hybridlm.training.chat_template.ChatTemplate` (sandboxed Jinja, as Hugging Face
+:class:`~hybridlm.interop.chat_template.ChatTemplate` (sandboxed Jinja, as Hugging Face
 transformers does; ``add_generation_prompt=True``; extra keywords such as ``enable_thinking``
 become template variables). Such a template ends the assistant's turn with the EOS token, so it
 needs no stop strings (`chat_stop` gives ``[]``). A template error is a 400 on ``messages``.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..training.chat_template import ChatTemplate, ChatTemplateError
+from ..interop.chat_template import ChatTemplate, ChatTemplateError
 from .schemas import APIError, ChatMessage
 
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}

@@ -4,6 +4,8 @@ A `Call` is one HTTP request in flight: its engine requests (prompt-major, `n` p
 prompt), the queue their outputs arrive on (from the engine thread), and how to shape
 the answer (chat or completion, echo, log-probs, the reasoning split). A client that
 disconnects has its unfinished requests aborted: their slots are free at the next step.
+Answers with log-probs are shaped in a worker thread: their token texts come from the
+tokenizer, which never runs on the event loop.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ async def collect(call: Call):
     failed = [o for o in final.values() if o.finish_reason in ("error", "abort")]
     if failed:
         raise APIError(500, f"generation failed: {failed[0].error or failed[0].finish_reason}", type="server_error")
-    choices = [whole_choice(call, i, texts[i], final[i], prompt_lps[i], lps[i]) for i in range(count)]
+    def shape() -> list[dict[str, Any]]:
+        return [whole_choice(call, i, texts[i], final[i], prompt_lps[i], lps[i]) for i in range(count)]
+    choices = await asyncio.to_thread(shape) if call.logprobs else shape()
     return {**call.head, "object": "chat.completion" if call.chat else "text_completion", "choices": choices,
             "usage": call.usage(final)}
 
@@ -173,7 +177,8 @@ async def stream(call: Call, include_usage: bool) -> AsyncIterator[str]:
             if out.finish_reason == "error":
                 yield sse(error_body(f"generation failed: {out.error}", "server_error"))
                 continue
-            piece = shapers[index].chunk(out)
+            shaper = shapers[index]
+            piece = await asyncio.to_thread(shaper.chunk, out) if call.logprobs else shaper.chunk(out)
             if piece is not None:
                 yield event([piece])
         if include_usage:

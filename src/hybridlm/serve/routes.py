@@ -8,8 +8,9 @@
 Status codes: 400 malformed JSON / invalid or unsupported fields / beyond the context
 limit / more completions than the server can ever hold, 401 missing API key, 404 unknown
 model, 413 body over ``max_request_bytes``, 415 not JSON, 429 queue full (retry later),
-500 generation failed. Tokenizing and rendering the chat template run in worker threads,
-never on the event loop; the engine thread does the model work and the detokenizing.
+500 generation failed. Tokenizing, rendering the chat template and the token texts of
+log-probs run in worker threads, never on the event loop; the engine thread does the model
+work and the detokenizing.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from .sampling import MAX_LOGPROBS
 INT64_MAX = (1 << 63) - 1
 INT64 = dict(ge=-(1 << 63), le=INT64_MAX)
 MAX_N = 8                     # completions per prompt (`n`) at most
+MAX_STOPS, MAX_STOP_CHARS = 16, 512   # stop strings are matched on the engine thread: bounded
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 # "x-limit" marks bounds that depend on the served model: /openapi.json documents them as the
 # vocabulary size, the context length or the requests the server holds at once (`serve.api`).
 VOCAB, CONTEXT, CAPACITY = ({"x-limit": k} for k in ("vocab", "context", "capacity"))
@@ -45,7 +47,7 @@ class CommonBody(Body):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")

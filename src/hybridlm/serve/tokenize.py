@@ -4,7 +4,9 @@
 (rendered with the same chat template as /v1/chat/completions) and answers
 ``{"count", "max_model_len", "tokens", "token_strs"}``; /detokenize takes ``{"tokens": [ids]}``
 and answers ``{"prompt": text}``. ``model`` is optional; when given it must be the served one.
-Both do their tokenizer work in a worker thread.
+Both do their tokenizer work in a worker thread. ``GET /tokenizer_info`` (vLLM's) names the
+special tokens and the chat template, so clients such as lm-evaluation-harness can
+tokenize through the server with no local copy of the tokenizer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def chat_text(routes: OpenAIRoutes, body: TokenizeChatBody) -> str:
         raise APIError(400, f"could not apply the chat template: {err}", param="messages") from None
 
 
+def encode(routes: OpenAIRoutes, text: str, with_strs: bool) -> tuple[list[int], list[str] | None]:
+    """The token ids of `text`, and each token's text when asked (a worker thread calls this)."""
+    ids = routes.tokenizer.encode(text)
+    return ids, [routes.token_text(t) for t in ids] if with_strs else None
+
+
 async def tokenize(routes: OpenAIRoutes, request: HTTPRequest) -> dict[str, Any]:
     body = await routes.read(request, TokenizeBody)
     routes.check_model(body.model)
@@ -43,8 +51,7 @@ async def tokenize(routes: OpenAIRoutes, request: HTTPRequest) -> dict[str, Any]
         text = await asyncio.to_thread(chat_text, routes, body)
     else:
         text = body.prompt
-    ids = await asyncio.to_thread(routes.tokenizer.encode, text)
-    strs = [routes.token_text(t) for t in ids] if body.return_token_strs else None
+    ids, strs = await asyncio.to_thread(encode, routes, text, body.return_token_strs)
     return {"count": len(ids), "max_model_len": routes.engine.max_model_len, "tokens": ids, "token_strs": strs}
 
 
@@ -55,3 +62,12 @@ async def detokenize(routes: OpenAIRoutes, request: HTTPRequest) -> dict[str, An
     if any(t >= vocab for t in body.tokens):
         raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
     return {"prompt": await asyncio.to_thread(routes.tokenizer.decode, body.tokens)}
+
+
+def tokenizer_info(routes: OpenAIRoutes) -> dict[str, Any]:
+    tok = routes.tokenizer
+    template = getattr(tok, "chat_template", None)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": getattr(tok, "eos_token", None),
+            "bos_token": template.bos_token if template is not None else None, "pad_token": None,
+            "chat_template": template.source if template is not None else None,
+            "model_max_length": routes.engine.max_model_len, "vocab_size": tok.vocab_size}

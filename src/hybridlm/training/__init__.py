@@ -2,7 +2,6 @@
 
     corpus.py       documents out of .txt / .txt.gz / .jsonl files and directories
     tokenizer.py    byte-level BPE (train, load any tokenizer.json), the bundled default
-    chat_template.py  checkpoints' chat templates: found, rendered in a Jinja sandbox as transformers does
     shards.py       tokenize a corpus into memory-mapped train/val token files
     dataset.py      `TokenDataset`: deterministic batches, a pure function of (seed, step, rank)
     train_config.py `TrainConfig`, validated         inputs.py   --model / --data resolution

@@ -24,7 +24,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import ChatTemplate, load_chat_template
+from ..interop.chat_template import ChatTemplate, load_chat_template
 from .corpus import ASSETS_DIR, PathLike, iter_documents
 
 EOS_TOKEN = "<|endoftext|>"
@@ -59,7 +59,7 @@ class Tokenizer:
         ``tokenizer_config.json``, else the first of ``<|endoftext|>``, ``</s>``,
         ``<eos>``, ... present in the vocabulary, else None. The chat template is the
         directory's ``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``
-        (see :func:`hybridlm.training.chat_template.load_chat_template`), else None.
+        (see :func:`hybridlm.interop.chat_template.load_chat_template`), else None.
         """
         path = Path(path)
         if path.is_dir():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from hybridlm.training.chat_template import (ChatTemplate, ChatTemplateError, load_chat_template,
+from hybridlm.interop.chat_template import (ChatTemplate, ChatTemplateError, load_chat_template,
                                              read_chat_template_file)
 from hybridlm.training.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, default_tokenizer
 
