@@ -15,7 +15,7 @@ def test_info_prints_published_comparison(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "--ckpt", "/nonexistent/ck", "--prompt", "x"], "checkpoint directory not found"),
+    (["generate", "--ckpt", "/nonexistent/ck", "--prompt", "x"], "directory not found"),
     (["info", "--config", "/nonexistent/c.json"], "config file not found"),
     (["info", "--preset", "gpt-5"], "unknown preset"),
     (["convert", "/nonexistent/a", "/tmp/b"], "not found"),
@@ -81,7 +81,7 @@ def test_generate_and_eval_with_compile_equal_eager(small_shards, tiny_model_fil
 
 @pytest.mark.parametrize("flags,message", [
     (["--model", "nonexistent"], "neither a preset"),
-    (["--model", "tiny", "--init-from", "/nonexistent/ck"], "checkpoint directory not found"),
+    (["--model", "tiny", "--init-from", "/nonexistent/ck"], "directory not found"),
     (["--model", "tiny", "--precision", "fp7"], "precision"),
 ])
 def test_train_checks_model_and_flags_before_any_data_work(flags, message, tmp_path, capsys):

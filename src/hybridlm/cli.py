@@ -135,12 +135,9 @@ def load_config_from(args: argparse.Namespace):
 def load_model_from(args: argparse.Namespace):
     import torch
     device = resolve_device(getattr(args, "device", "auto"))
-    if args.ckpt:
-        from .interop.checkpoint import load_model
-        return load_model(args.ckpt, device=device)
-    if args.hf:
-        from .interop.hf_weights import load_hf_dir
-        return load_hf_dir(args.hf, device=device)
+    if args.ckpt or args.hf:  # either format; compressed-tensors NVFP4 / FP8 directories are dequantized
+        from .interop.convert import load
+        return load(args.ckpt or args.hf, device=device)
     from .model.lm import HybridLM
     torch.manual_seed(getattr(args, "seed", 0) or 0)
     return HybridLM(load_config_from(args)).to(device).eval()
@@ -231,17 +228,67 @@ def _generate(p: argparse.ArgumentParser):
     return run
 
 
-@command("convert", "convert between hybridlm checkpoints and Hugging Face Nemotron-H directories")
+@command("convert", "convert between hybridlm checkpoints and Hugging Face Nemotron-H directories, or to GGUF "
+                    "for llama.cpp")
 def _convert(p: argparse.ArgumentParser):
     p.add_argument("src", help="source directory (format detected from its config.json)")
-    p.add_argument("dst", help="destination directory")
-    p.add_argument("--to", choices=["hf", "hybridlm"], default=None,
-                   help="target format (default: the other one)")
+    p.add_argument("dst", help="destination directory (gguf: a .gguf file, or a directory for model-<dtype>.gguf)")
+    p.add_argument("--to", choices=["hf", "hybridlm", "gguf"], default=None,
+                   help="target format (default: the other one of hf / hybridlm)")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default=None,
+                   help="cast the weights (default: keep the stored dtype)")
 
     def run(a):
         from .interop.convert import convert
-        out = convert(a.src, a.dst, to=a.to)
+        dtype = a.dtype
+        if dtype is not None and a.to != "gguf":
+            import torch
+            dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        out = convert(a.src, a.dst, to=a.to, dtype=dtype)
         print(f"wrote {out}")
+    return run
+
+
+@command("quantize", "post-training quantization to NVFP4 or FP8, written as a compressed-tensors checkpoint "
+                     "(what vLLM loads)")
+def _quantize(p: argparse.ArgumentParser):
+    p.add_argument("--ckpt", help="source checkpoint: ours or a Hugging Face Nemotron-H directory")
+    p.add_argument("--hf", help="same as --ckpt (a Hugging Face directory)")
+    p.add_argument("--out", required=True, help="output directory (a Hugging Face directory with quantization_config)")
+    p.add_argument("--format", choices=["nvfp4", "fp8"], default=None,
+                   help="nvfp4: E2M1 + E4M3 scale per 16 + FP32 global; fp8: E4M3 (default: nvfp4, or the "
+                        "--trained-precision format)")
+    p.add_argument("--calib", help="prepared token shards (`hybridlm data prepare`) for the activation scales; "
+                   "without it: NVFP4 weight-only (W4A16), FP8 dynamic per-token activations")
+    p.add_argument("--calib-seqs", type=int, default=64, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--fp8-granularity", choices=["tensor", "channel"], default="tensor",
+                   help="FP8 weight scales: one per tensor or one per output channel")
+    p.add_argument("--high-precision-layers", default="auto",
+                   help="blocks kept in BF16: auto (the papers' choice), none, first:N,last:M, or indices i,j")
+    p.add_argument("--trained-precision", metavar="RECIPE",
+                   help="the source was trained with --precision RECIPE (nvfp4, nvfp4-no-2d, fp8): export the "
+                        "weights its forward used")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the tensors that stay dense (default: the source's)")
+    p.add_argument("--device", default="auto")
+
+    def run(a):
+        src = a.ckpt or a.hf
+        if not src:
+            raise ValueError("give the source checkpoint with --ckpt DIR (or --hf DIR)")
+        for flag in ("calib_seqs", "seq_len", "batch_size"):
+            if getattr(a, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
+        import torch
+        from .compress.quantize import quantize_checkpoint
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[a.dtype]
+        r = quantize_checkpoint(src, a.out, fmt=a.format, calib=a.calib, high_precision_layers=a.high_precision_layers,
+                                fp8_granularity=a.fp8_granularity, recipe=a.trained_precision, dtype=dtype,
+                                calib_seqs=a.calib_seqs, seq_len=a.seq_len, batch_size=a.batch_size,
+                                device=str(resolve_device(a.device)))
+        print(r.summary())
     return run
 
 

@@ -4,9 +4,11 @@ The layer layout is a pattern string in the Hugging Face `hybrid_override_patter
 alphabet: ``M`` = Mamba-2 mixer, ``*`` = self-attention, ``-`` = squared-ReLU MLP.
 Every layer is ``x = x + mixer(rmsnorm(x))``.
 
-Presets: ``tiny`` (laptop CPU), ``nemotron-h-8b``, ``nemotron-h-56b``,
-``nemotron-nano-12b-v2`` and ``nemotron-nano-9b-v2`` (shapes of the published models,
-for counting and memory planning).
+Presets: ``tiny`` (laptop CPU) and the published Nemotron-H models ``nemotron-h-4b``,
+``nemotron-h-8b``, ``nemotron-h-47b``, ``nemotron-h-56b``, ``nemotron-nano-12b-v2`` and
+``nemotron-nano-9b-v2`` (their ``config.json`` shapes, for counting, memory planning and
+conversion). The published presets carry what importing their checkpoint gives
+(`hybridlm.interop.hf_config`): dt clamped to ``(time_step_min, inf)``, as transformers does.
 """
 
 from __future__ import annotations
@@ -196,43 +198,46 @@ def _json_float(x: float) -> float | str:
     return "inf" if math.isinf(x) else x
 
 
-def _spread_pattern(n_layers: int, n_attn: int) -> str:
-    """Alternate M/- pairs with `n_attn` attention layers spread evenly (first layer M)."""
-    base = ["M" if i % 2 == 0 else "-" for i in range(n_layers - n_attn)]
-    step = len(base) / (n_attn + 1)
-    for j in range(n_attn, 0, -1):
-        base.insert(round(j * step), "*")
-    return "".join(base)
-
+# dt clamp of every published checkpoint once imported: transformers clamps dt to (time_step_min, inf).
+_HF_DT = dict(time_step_min=0.001, time_step_limit=(0.001, math.inf))
+# Nemotron-H family (8K context, tokens <s>=1, </s>=2, pad 0; Megatron-Bridge's NemotronHModelProvider*).
+_NEMOTRON_H = dict(vocab_size=131072, n_kv_heads=8, head_dim=128, mamba_head_dim=64, n_groups=8, chunk_size=128,
+                   max_seq_len=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0, **_HF_DT)
+# Nemotron Nano v2 (128K context, Mamba head dim 80).
+_NANO_V2 = dict(vocab_size=131072, n_kv_heads=8, head_dim=128, ssm_state=128, mamba_head_dim=80, mamba_heads=128,
+                n_groups=8, chunk_size=128, max_seq_len=131072, bos_token_id=1, eos_token_id=2, **_HF_DT)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~4.6M parameters: trains on a laptop CPU in minutes.
     "tiny": dict(vocab_size=4096, d_model=256, pattern="M-M-*-M-M-*-", n_heads=4, n_kv_heads=2,
                  head_dim=64, ffn_dim=768, ssm_state=32, mamba_head_dim=32, n_groups=2,
                  chunk_size=64, max_seq_len=2048),
-    # Nemotron-H-8B-Base (config.json of the public checkpoint).
-    "nemotron-h-8b": dict(vocab_size=131072, d_model=4096,
+    # Nemotron-H-4B-Base-8K: the 8B pruned to d_model 3072, FFN 12288, 112 Mamba heads; 4,489,223,040 parameters.
+    "nemotron-h-4b": dict(**_NEMOTRON_H, d_model=3072,
                           pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
-                          n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=21504, ssm_state=128,
-                          mamba_head_dim=64, mamba_heads=128, n_groups=8, chunk_size=128,
-                          max_seq_len=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-    # Nemotron-H-56B-Base: 118 layers (54 M, 54 -, 10 *).
-    "nemotron-h-56b": dict(vocab_size=131072, d_model=8192, pattern=_spread_pattern(118, 10),
-                           n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=32768, ssm_state=256,
-                           mamba_head_dim=64, mamba_heads=256, n_groups=8, chunk_size=128,
-                           max_seq_len=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                          n_heads=32, ffn_dim=12288, ssm_state=128, mamba_heads=112),
+    # Nemotron-H-8B-Base-8K (config.json of the public checkpoint).
+    "nemotron-h-8b": dict(**_NEMOTRON_H, d_model=4096,
+                          pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+                          n_heads=32, ffn_dim=21504, ssm_state=128, mamba_heads=128),
+    # Nemotron-H-47B-Base-8K: the 56B pruned to 98 layers (45 M, 48 -, 5 *), FFN 30720; 46,791,554,816 parameters.
+    "nemotron-h-47b": dict(**_NEMOTRON_H, d_model=8192,
+                           pattern="M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-M-M"
+                                   "---MM---M-M*-M-M-M-M-M-",
+                           n_heads=64, ffn_dim=30720, ssm_state=256, mamba_heads=256),
+    # Nemotron-H-56B-Base-8K: 118 layers (54 M, 54 -, 10 *), attention at layers 7, 18, ..., 106 ("M*-").
+    "nemotron-h-56b": dict(**_NEMOTRON_H, d_model=8192,
+                           pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-"
+                                   "M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+                           n_heads=64, ffn_dim=32768, ssm_state=256, mamba_heads=256),
     # NVIDIA-Nemotron-Nano-12B-v2-Base: 62 layers (28 M, 28 -, 6 *), 12.31B parameters.
-    "nemotron-nano-12b-v2": dict(vocab_size=131072, d_model=5120,
+    "nemotron-nano-12b-v2": dict(**_NANO_V2, d_model=5120,
                                  pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
-                                 n_heads=40, n_kv_heads=8, head_dim=128, ffn_dim=20480, ssm_state=128,
-                                 mamba_head_dim=80, mamba_heads=128, n_groups=8, chunk_size=128,
-                                 max_seq_len=131072, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-    # NVIDIA-Nemotron-Nano-9B-v2: the 12B pruned to 56 layers, d_model 4480, FFN 15680.
-    "nemotron-nano-9b-v2": dict(vocab_size=131072, d_model=4480,
+                                 n_heads=40, ffn_dim=20480, pad_token_id=0),
+    # NVIDIA-Nemotron-Nano-9B-v2: the 12B pruned to 56 layers, d_model 4480, FFN 15680; pads with token 12.
+    "nemotron-nano-9b-v2": dict(**_NANO_V2, d_model=4480,
                                 pattern="M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
-                                n_heads=40, n_kv_heads=8, head_dim=128, ffn_dim=15680, ssm_state=128,
-                                mamba_head_dim=80, mamba_heads=128, n_groups=8, chunk_size=128,
-                                max_seq_len=131072, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                                n_heads=40, ffn_dim=15680, pad_token_id=12),
 }
 
 # Published parameter totals, for the README comparison and the tests.

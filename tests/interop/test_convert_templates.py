@@ -49,3 +49,24 @@ def test_convert_carries_a_config_only_template(tmp_path):
     assert not (back / "chat_template.jinja").exists()
     assert Tokenizer.from_file(back).chat_template == ChatTemplate("{{ messages | length }}", "<|endoftext|>",
                                                                    "<|endoftext|>")
+
+
+def test_convert_carries_nvidia_remote_code_files(tmp_path):
+    """A config with `auto_map` keeps it through both conversions, and the *.py files it names travel too."""
+    from hybridlm.interop.convert import remote_code_files
+
+    auto_map = {"AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+                "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"}
+    assert remote_code_files(auto_map) == ("configuration_nemotron_h.py", "modeling_nemotron_h.py")
+    assert remote_code_files({"AutoModel": "nvidia/repo--modeling_x.X"}) == ("modeling_x.py",)
+    assert remote_code_files(None) == ()
+    hf = convert(save_model(small_model(), tmp_path / "ours"), tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    for name in remote_code_files(auto_map):
+        (hf / name).write_text(f"# {name}: NVIDIA's remote code\n")
+    back = convert(hf, tmp_path / "back")
+    again = convert(back, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["auto_map"] == auto_map
+    for name in remote_code_files(auto_map):
+        assert (again / name).read_text() == f"# {name}: NVIDIA's remote code\n"

@@ -335,6 +335,6 @@ def test_serve_command_bad_input(capsys):
     from hybridlm.cli import main
 
     assert main(["serve", "--ckpt", "/nonexistent/ck"]) == 1
-    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert "directory not found: /nonexistent/ck" in capsys.readouterr().err
     assert main(["serve", "--preset", "tiny", "--max-batch", "0"]) == 1
     assert "--max-batch" in capsys.readouterr().err

@@ -17,7 +17,10 @@ modeling code *does*, which is not always what a field's name suggests:
   fresh ``NemotronHForCausalLM(config)`` fails in its dt init with ``log(0)``). Our separate dt
   init lower bound travels as ``hybridlm_time_step_min`` when it differs;
 * missing keys take `NemotronHConfig`'s defaults; keys that matter for nothing here but differ
-  from those defaults are kept in `HybridConfig.extra` and written back on export;
+  from those defaults are kept in `HybridConfig.extra` and written back on export. A config
+  written for NVIDIA's remote code (it has ``auto_map``) keeps every such key, default or not,
+  and ``auto_map`` itself: that code has defaults of its own, so a key left out would change
+  the model it builds (the ``*.py`` files ``auto_map`` names must travel with the export);
 * ``tie_word_embeddings``: transformers 5 never ties Nemotron-H's ``lm_head``, it loads it
   from the file. Export therefore always writes ``lm_head.weight`` (and the flag as is); import
   ties only when the flag is set and ``lm_head.weight`` is absent or equal to the embeddings
@@ -74,8 +77,12 @@ _ALIASES = {
 }
 _INIT_MIN_KEY = "hybridlm_time_step_min"
 # Keys that describe the file rather than the model, never kept in `extra`.
-_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map",
+_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "_name_or_path",
                 "dtype", "torch_dtype", "num_hidden_layers", "_commit_hash", "hidden_act"}
+# Present in configs for NVIDIA's remote code (``trust_remote_code``); it names that code's classes.
+_REMOTE_CODE_KEY = "auto_map"
+# Bookkeeping that NVIDIA's remote code still reads: kept when the config is for that code.
+_REMOTE_CODE_KEEPS = {"hidden_act"}
 _LAYOUT_KEYS = ("layers_block_type", "layer_types", "hybrid_override_pattern")
 
 
@@ -145,7 +152,9 @@ class _Keys:
 
     def __init__(self, d: dict[str, Any]) -> None:
         self.d = d
-        self.used: set[str] = set(_BOOKKEEPING) | set(_LAYOUT_KEYS) | {_INIT_MIN_KEY}
+        self.remote_code = _REMOTE_CODE_KEY in d
+        bookkeeping = _BOOKKEEPING - _REMOTE_CODE_KEEPS if self.remote_code else _BOOKKEEPING
+        self.used: set[str] = set(bookkeeping) | set(_LAYOUT_KEYS) | {_INIT_MIN_KEY}
 
     def get(self, key: str) -> Any:
         names = [n for n in (key, *_ALIASES.get(key, ())) if n in self.d]
@@ -162,9 +171,10 @@ class _Keys:
         return _decode_float(self.get(key), key)
 
     def extra(self) -> dict[str, Any]:
-        """Keys not read that differ from `NemotronHConfig`'s defaults."""
-        return {k: v for k, v in self.d.items()
-                if k not in self.used and not (k in _HF_DEFAULTS and _same(v, _HF_DEFAULTS[k]))}
+        """Keys not read that differ from `NemotronHConfig`'s defaults (all keys not read, for a
+        remote-code config: its code's defaults are not transformers')."""
+        return {k: v for k, v in self.d.items() if k not in self.used
+                and (self.remote_code or not (k in _HF_DEFAULTS and _same(v, _HF_DEFAULTS[k])))}
 
 
 def hf_config_to_hybrid(d: dict[str, Any]) -> HybridConfig:
@@ -243,12 +253,18 @@ def _check_exportable(cfg: HybridConfig) -> None:
     if cfg.attention_bias:
         raise ValueError("attention_bias=True cannot be exported: transformers' NemotronHAttention "
                          "has no q/k/v/o biases")
+    check_plain_nemotron_h(cfg, "transformers' Nemotron-H")
+
+
+def check_plain_nemotron_h(cfg: HybridConfig, target: str) -> None:
+    """ValueError for the options no Nemotron-H implementation outside hybridlm has: the stability
+    norms / logit capping, and an upper dt clamp (they clamp dt to (time_step_min, inf) at most)."""
     if stability := cfg.stability_options():
-        raise ValueError(f"training-stability options {stability} cannot be exported: "
-                         "transformers' Nemotron-H has no QK/QKV/post-projection norms or logit capping")
+        raise ValueError(f"training-stability options {stability} cannot be exported: {target} has no "
+                         "QK/QKV/post-projection norms or logit capping")
     if not math.isinf(cfg.time_step_limit[1]):
-        raise ValueError(f"time_step_limit={cfg.time_step_limit} cannot be exported: transformers' "
-                         "Nemotron-H clamps dt to (time_step_min, inf), with no upper bound")
+        raise ValueError(f"time_step_limit={cfg.time_step_limit} cannot be exported: {target} clamps dt "
+                         "to (time_step_min, inf) at most, with no upper bound")
 
 
 def hybrid_to_hf_config(cfg: HybridConfig, dtype: torch.dtype | str = torch.float32) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Two-level scaling of a tensor x (blocks of 16 along the last dimension, the GEMM
 reduction dimension; weights may use 16x16 tiles so that W and W^T share blocks):
 
     s_enc   = 6 * 448 / amax(|x|)                 FP32 global encode scale (1 if x == 0)
-    S_b     = e4m3(amax_b / 6 * s_enc)            per-block decode scale, fits E4M3 by construction
+    S_b     = e4m3((amax_b / 6) * s_enc)          per-block decode scale, fits E4M3 by construction
     q       = e2m1(x * s_enc / S_b)               RNE, or stochastic rounding (gradients)
     x      ~= q * S_b / s_enc
 
@@ -21,6 +21,9 @@ Non-finite input: `fake_quantize` returns all-NaN (the trainer then skips the st
 Also here: 4-bit packing (two codes per byte, first element in the low nibble) and the
 16x16 random Hadamard transform (RHT) used on the inputs of the weight-gradient GEMM.
 The GEMM itself is simulated: NVFP4 tensor cores exist only on Blackwell.
+
+Both scale formulas are evaluated in FP32 with correctly rounded operations, in the order
+written (TransformerEngine's emulation order; 6 * 448 = 2688 is exact): see `fp8.const_div`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8 import E4M3, E4M3_MAX, F32_MAX
+from .fp8 import E4M3, E4M3_MAX, F32_MAX, const_div, div_const
 
 E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of code index 0..7
@@ -129,9 +132,14 @@ def _tiles(x: Tensor, rows: int) -> Tensor:
 
 
 def global_encode_scale(amax: Tensor) -> Tensor:
-    """FP32 s_enc = 6 * 448 / amax (1 for amax == 0, capped at the FP32 max)."""
-    s = (E2M1_MAX * E4M3_MAX / amax).clamp(max=F32_MAX)
+    """FP32 s_enc = 6 * 448 / amax, correctly rounded (1 for amax == 0, capped at the FP32 max)."""
+    s = const_div(E2M1_MAX * E4M3_MAX, amax).clamp(max=F32_MAX)
     return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def block_decode_scales(block_amax: Tensor, s_enc: Tensor) -> Tensor:
+    """E4M3 S_b = e4m3((amax_b / 6) * s_enc), each FP32 step correctly rounded (saturating at 448)."""
+    return (div_const(block_amax, E2M1_MAX) * s_enc).clamp(max=E4M3_MAX).to(E4M3)
 
 
 @dataclass
@@ -151,7 +159,7 @@ def _quantize_tiles(x2d: Tensor, rows: int, stochastic: bool, generator: torch.G
     block_amax = mag.amax(dim=(1, 3)) if rows > 1 else mag.amax(dim=3).squeeze(1)  # (Rb, Cb)
     amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
     s_enc = global_encode_scale(amax)
-    s_block = (block_amax * (s_enc / E2M1_MAX)).clamp(max=E4M3_MAX).to(E4M3)
+    s_block = block_decode_scales(block_amax, s_enc)
     s_block_f = s_block.to(torch.float32)
     enc = torch.where(s_block_f > 0, (s_enc / s_block_f).clamp(max=F32_MAX), torch.zeros_like(s_block_f))
     mag.mul_(enc[:, None, :, None])
