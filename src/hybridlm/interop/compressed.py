@@ -47,11 +47,11 @@ from ..lowp import ptq
 from ..lowp.linear import LowPrecisionLinear
 from ..lowp.recipe import Recipe, as_recipe
 from ..model.lm import HybridLM
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict
-from .files import atomic_write_text, read_header, read_json_file, read_tensor, require_dir
-from .hf_config import config_json, hf_config_to_hybrid, hybrid_to_hf_config
-from .hf_weights import (DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, SHARD_RE, _copy_tensors, _index_tensors,
-                         _resolve_tied_head, _shard, _write_weights, weight_files)
+from .checkpoint import CONFIG_NAME, check_state_dict
+from .files import read_header, read_json_file, read_tensor, require_dir
+from .hf_config import hf_config_to_hybrid, hybrid_to_hf_config
+from .hf_weights import (DEFAULT_MAX_SHARD_BYTES, _copy_tensors, _index_tensors, _resolve_tied_head, weight_files,
+                         write_hf_dir)
 
 QUANT_KEY = "quantization_config"
 QUANT_METHOD = "compressed-tensors"
@@ -231,22 +231,9 @@ def export_compressed(model: HybridLM, out_dir: str | Path, fmt: str | None = No
         del tensors[f"{name}.weight"]
     tensors.update(_quantized_tensors(model, fmt, block, fp8_granularity, fused_groups(plan.quantize), amax))
     hf[QUANT_KEY] = quantization_config(fmt, fp8_granularity, amax is not None, ignore_names(plan.keep))
-    out = _write_dir(Path(out_dir), hf, tensors, max_shard_bytes)
+    out = write_hf_dir(Path(out_dir), hf, tensors, max_shard_bytes)
     return CompressedExport(out, scheme_name(fmt, fp8_granularity, amax is not None), plan.quantize, plan.keep,
                             plan.high_precision, amax is not None)
-
-
-def _write_dir(out: Path, hf: dict[str, Any], tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> Path:
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out.mkdir(parents=True, exist_ok=True)
-    written = _write_weights(out, tensors, _shard(tensors, max_shard_bytes))
-    atomic_write_text(out / CONFIG_NAME, config_json(hf))
-    for stale in [out / WEIGHTS_NAME, out / INDEX_NAME, *out.glob("model-*-of-*.safetensors")]:
-        if stale.name not in written and stale.is_file() and (stale.name in (WEIGHTS_NAME, INDEX_NAME)
-                                                              or SHARD_RE.match(stale.name)):
-            stale.unlink()
-    return out
 
 
 # ---- reading: which schemes --------------------------------------------------------------

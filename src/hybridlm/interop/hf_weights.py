@@ -173,12 +173,18 @@ def save_hf_dir(model: HybridLM, out_dir: str | Path, max_shard_bytes: int = DEF
     with ``model.safetensors.index.json``. Every file is written atomically; weight files of an
     earlier save that the new one does not use are removed afterwards.
     """
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     hf_cfg = hybrid_to_hf_config(model.cfg, model.lm_head.weight.dtype)
     tensors = dict(model.state_dict())  # lm_head.weight is included (a copy is written) when tied
+    return write_hf_dir(Path(out_dir), hf_cfg, tensors, max_shard_bytes)
+
+
+def write_hf_dir(out: Path, hf_cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """config.json + the tensors, one file or shards + index, atomically; stale weight files of an
+    earlier save are removed afterwards (`save_hf_dir`, and the compressed-tensors export)."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    out.mkdir(parents=True, exist_ok=True)
     written = _write_weights(out, tensors, _shard(tensors, max_shard_bytes))
     atomic_write_text(out / CONFIG_NAME, config_json(hf_cfg))
     for stale in [out / WEIGHTS_NAME, out / INDEX_NAME, *out.glob("model-*-of-*.safetensors")]:

@@ -28,7 +28,7 @@ from .chat_template import TOKENIZER_CONFIG_NAME, ChatTemplate, load_chat_templa
 from .files import atomic_write_text
 
 TOKENIZER_NAME = "tokenizer.json"
-BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / TOKENIZER_NAME  # = training.tokenizer's default
+BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / TOKENIZER_NAME  # training.tokenizer's default
 
 
 @dataclass
@@ -53,10 +53,12 @@ def read_tokenizer_dir(directory: str | Path) -> ExportTokenizer:
     except Exception as err:  # tokenizers raises plain Exception for malformed files
         raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
     template = load_chat_template(d) if path != BUNDLED_TOKENIZER else None
-    return ExportTokenizer(backend, _config_eos(d / TOKENIZER_CONFIG_NAME), template)
+    return ExportTokenizer(backend, config_eos_token(d), template)
 
 
-def _config_eos(path: Path) -> str | None:
+def config_eos_token(directory: str | Path) -> str | None:
+    """``eos_token`` of ``directory/tokenizer_config.json`` (string or AddedToken dict), if any."""
+    path = Path(directory) / TOKENIZER_CONFIG_NAME
     try:
         config: Any = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

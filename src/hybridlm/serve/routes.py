@@ -136,8 +136,9 @@ class OpenAIRoutes:
         """Each prompt's text (echo): the string sent, or the decoded token ids."""
         if isinstance(prompt, str):
             return [prompt]
-        return [p if isinstance(p, str) else self.tokenizer.decode(i) for p, i in zip(prompt, ids)] \
-            if all(isinstance(p, str) for p in prompt) else [self.tokenizer.decode(i) for i in ids]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        return [self.tokenizer.decode(i) for i in ids]
 
     def start_token(self) -> list[int]:
         """An empty prompt starts a document: the EOS / separator token."""

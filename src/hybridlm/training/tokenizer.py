@@ -16,19 +16,18 @@ This module owns
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..interop.chat_template import ChatTemplate, load_chat_template
-from .corpus import ASSETS_DIR, PathLike, iter_documents
+from ..interop.tokenizer_files import BUNDLED_TOKENIZER, config_eos_token
+from .corpus import PathLike, iter_documents
 
 EOS_TOKEN = "<|endoftext|>"
-DEFAULT_TOKENIZER_PATH = ASSETS_DIR / "tokenizer.json"
+DEFAULT_TOKENIZER_PATH = BUNDLED_TOKENIZER
 # EOS candidates for foreign tokenizers without a tokenizer_config.json, in priority order.
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 _MIN_VOCAB = 257  # 256 byte tokens + <|endoftext|>
@@ -70,7 +69,7 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises plain Exception for malformed files
             raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
-        return cls(tok, eos_token if eos_token is not None else _config_eos_token(path.parent),
+        return cls(tok, eos_token if eos_token is not None else config_eos_token(path.parent),
                    chat_template=load_chat_template(path.parent))
 
     @property
@@ -120,19 +119,6 @@ class Tokenizer:
 
 def _guess_eos_token(tokenizer: tokenizers.Tokenizer) -> str | None:
     return next((t for t in _EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
-
-
-def _config_eos_token(directory: Path) -> str | None:
-    """``eos_token`` of ``directory/tokenizer_config.json`` (string or AddedToken dict), if any."""
-    config_path = directory / "tokenizer_config.json"
-    try:
-        config: Any = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    eos = config.get("eos_token") if isinstance(config, dict) else None
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
 
 
 def _new_byte_level_bpe() -> tokenizers.Tokenizer:
