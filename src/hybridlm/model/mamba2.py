@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..config import HybridConfig
 from .cache import MambaState
 from .norms import GatedRMSNorm, make_norm, maybe_norm
-from .rowwise import project
+from .rowwise import local, project
 from .scan import chunked_scan
 from .ssd import ssd_step
 
@@ -31,7 +31,11 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: HybridConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Sizes the forward uses, per process: tensor parallelism (hybridlm.training.tensor_parallel)
+        # divides heads, groups and channels by the TP degree and sets these to the local sizes.
         self.d_inner, self.conv_dim = cfg.d_inner, cfg.conv_dim
+        self.n_heads, self.head_dim, self.n_groups, self.d_state = (cfg.mamba_heads, cfg.mamba_head_dim,
+                                                                    cfg.n_groups, cfg.ssm_state)
         self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim,
                                 padding=cfg.conv_kernel - 1, bias=cfg.conv_bias)
@@ -59,7 +63,7 @@ class Mamba2Mixer(nn.Module):
     def _dt(self, dt: Tensor) -> Tensor:
         """softplus(dt + dt_bias), clamped, in float32 whatever the autocast dtype (as mamba_ssm)."""
         with torch.autocast(dt.device.type, enabled=False):
-            return F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.cfg.time_step_limit)
+            return F.softplus(dt.float() + local(self.dt_bias).float()).clamp(*self.cfg.time_step_limit)
 
     def _conv(self, xBC: Tensor, state: MambaState | None, valid: Tensor | None) -> Tensor:
         """Causal depthwise conv + SiLU over (b, l, conv_dim), continuing from the cached inputs.
@@ -81,7 +85,7 @@ class Mamba2Mixer(nn.Module):
         elif state is not None:  # the k - 1 inputs before the row's last real token, included
             ends = valid.sum(1, keepdim=True) + torch.arange(k - 1, device=full.device)  # (b, k - 1)
             state.conv = full.gather(-1, ends[:, None, :].expand(b, c, k - 1))
-        out = F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=c)).transpose(1, 2)
+        out = F.silu(F.conv1d(full, local(self.conv1d.weight), local(self.conv1d.bias), groups=c)).transpose(1, 2)
         if valid is None:
             return out
         return out.new_zeros(out.shape).scatter(1, index, out) * valid[..., None].to(out.dtype)
@@ -91,17 +95,16 @@ class Mamba2Mixer(nn.Module):
         never enter the conv window, so any padding leaves the state as if the pads were absent."""
         if state is not None and valid is None and u.shape[1] == 1:
             return self.step(u[:, 0], state)[:, None]
-        cfg = self.cfg
         b, l, _ = u.shape
-        h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
+        h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, h], dim=-1)
         x, B, C = self._conv(xBC, state, valid).split([self.d_inner, g * n, g * n], dim=-1)
         dt = self._dt(dt)
         if valid is not None:
             dt = dt * valid[..., None]
-        y, final = chunked_scan(u.device)(x.reshape(b, l, h, p), dt, -torch.exp(self.A_log.float()),
+        y, final = chunked_scan(u.device)(x.reshape(b, l, h, p), dt, -torch.exp(local(self.A_log).float()),
                                           B.reshape(b, l, g, n),
-                                          C.reshape(b, l, g, n), cfg.chunk_size, self.D,
+                                          C.reshape(b, l, g, n), self.cfg.chunk_size, local(self.D),
                                           state.ssm if state is not None else None)
         if state is not None:
             state.ssm = final
@@ -110,18 +113,17 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u: Tensor, state: MambaState) -> Tensor:
         """One decoding step for u (b, d_model); updates `state` in place (fixed shapes, no host sync)."""
-        cfg = self.cfg
         b = u.shape[0]
-        h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state
+        h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt = project(self.in_proj, u).split([self.d_inner, self.conv_dim, h], dim=-1)
         window = torch.cat([state.conv.to(xBC.dtype), xBC[..., None]], dim=-1)  # (b, conv_dim, k)
         state.conv.copy_(window[..., 1:])
-        xBC = (window * self.conv1d.weight[:, 0]).sum(-1)  # one dot product per channel
+        xBC = (window * local(self.conv1d.weight)[:, 0]).sum(-1)  # one dot product per channel
         if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
+            xBC = xBC + local(self.conv1d.bias)
         x, B, C = F.silu(xBC).split([self.d_inner, g * n, g * n], dim=-1)
-        y, ssm = ssd_step(state.ssm, x.view(b, h, p), self._dt(dt), -torch.exp(self.A_log.float()),
-                          B.view(b, g, n), C.view(b, g, n), self.D)
+        y, ssm = ssd_step(state.ssm, x.view(b, h, p), self._dt(dt), -torch.exp(local(self.A_log).float()),
+                          B.view(b, g, n), C.view(b, g, n), local(self.D))
         state.ssm.copy_(ssm)
         y = self.norm(y.reshape(b, self.d_inner), z)
         return maybe_norm(self.out_norm, project(self.out_proj, y))

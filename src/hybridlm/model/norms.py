@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rowwise import local
+
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
     """x / rms(x) over the last dim, computed in float32."""
@@ -82,4 +84,4 @@ class GatedRMSNorm(nn.Module):
         h = x.float() * F.silu(z.float())
         shape = h.shape
         h = rms_normalize(h.view(*shape[:-1], -1, self.group_size), self.eps).view(shape)
-        return (self.weight.float() * h).to(x.dtype)
+        return (local(self.weight).float() * h).to(x.dtype)
