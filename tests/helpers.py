@@ -120,3 +120,134 @@ def serving(model, tokenizer, max_batch: int = 8, max_queue: int = 32, **setting
         finally:
             torch.set_num_threads(threads)
     return run()
+
+
+# ---- multi-process tests: torchrun with CPU (gloo) processes ----
+# One process group per launch for all the runs in it: train() uses a group it finds initialized
+# (and leaves it alone); re-creating the default group in one torchrun process could read stale
+# peer addresses from the launcher's store.
+TRAIN_CONFIGS_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from hybridlm.training import TrainConfig, train
+dist.init_process_group("gloo")
+for cfg in json.loads(open(sys.argv[1]).read()):
+    train(TrainConfig(**cfg))
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, root, args=(), nproc: int = 2, timeout: float = 180):
+    """Run the Python source `script` (written to root/run.py) under torchrun with `nproc` CPU
+    processes and `args`; asserts it succeeded and returns the CompletedProcess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(root) / "run.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(path), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def torchrun_train(configs: list, root, nproc: int = 2, timeout: float = 180):
+    """`train(TrainConfig(**cfg))` for each dict in `configs`, in order, in one torchrun launch."""
+    import json
+    from pathlib import Path
+
+    (Path(root) / "configs.json").write_text(json.dumps(configs))
+    return torchrun(TRAIN_CONFIGS_SCRIPT, root, [Path(root) / "configs.json"], nproc, timeout)
+
+
+# ---- tensor parallelism / DCP resume: a tiny model that splits in two (heads, KV heads, Mamba heads
+# and groups, FFN), with all three layer kinds and two Mamba groups
+TP_MODEL = dict(TINY_MODEL, pattern="M*-M", n_heads=4, n_kv_heads=2, head_dim=16, n_groups=2)
+TP_MICRO = 2  # per-rank batch of the TP x FSDP2 runs (dp = 2); one process uses 2 * TP_MICRO
+
+
+def tp_train_config(model: str, data, out, **kw) -> dict:
+    """TrainConfig kwargs of the TP / DCP tests: 4 steps, checkpoints at 2 and 4, validation at the
+    start and the end (one batch), one process unless `kw` says otherwise."""
+    base = dict(model=model, data=str(data), out=str(out), steps=4, batch_size=2 * TP_MICRO, seq_len=32, lr=1e-3,
+                min_lr=1e-4, warmup_steps=1, eval_every=0, eval_batches=1, save_every=2, keep_last=0, log_every=1,
+                progress=False, device="cpu", distributed="none")
+    return {**base, **kw}
+
+
+def truncate_run(src, dst, step: int) -> None:
+    """Copy run directory `src` to `dst` without the checkpoints after `step` (`latest` -> step)."""
+    import shutil
+    from pathlib import Path
+
+    from hybridlm.training.checkpoints import CKPT_DIR, LATEST, checkpoint_name, list_checkpoints
+
+    shutil.copytree(src, dst)
+    for ckpt in list_checkpoints(dst):
+        if int(ckpt.name[5:]) > step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(Path(dst) / "final", ignore_errors=True)
+    (Path(dst) / CKPT_DIR / LATEST).write_text(checkpoint_name(step) + "\n")
+
+
+def run_train_actions(actions: list) -> None:
+    """Run, in order (in this process or on every torchrun rank): {"train": TrainConfig kwargs} and
+    optionally "dump": a path where rank 0 saves the full model/optimizer state right after the start
+    (the weights a resume loaded), before training; {"truncate": [src, dst, step]} (rank 0, then a barrier)."""
+    import torch
+    import torch.distributed as dist
+
+    from hybridlm.training import distributed as D
+    from hybridlm.training.loop import _Run
+    from hybridlm.training.train_config import TrainConfig
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for action in actions:
+        if "truncate" in action:
+            if rank == 0:
+                truncate_run(*action["truncate"])
+            if dist.is_initialized():
+                dist.barrier()
+            continue
+        tc = TrainConfig(**action["train"])
+        env = D.setup(tc.distributed, tc.device, tc.tp)
+        try:  # train(), with a look at the state it starts from
+            run = _Run.start(tc, env, None)
+            if action.get("dump"):
+                model_sd, optim_sd = D.full_state(run.model, run.opt)
+                if rank == 0:
+                    torch.save({"model": model_sd, "optimizer": optim_sd}, action["dump"])
+            run.fit()
+        finally:
+            D.teardown(env)
+
+
+TESTS_DIR = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
+TRAIN_ACTIONS_SCRIPT = f"""
+import json, sys
+sys.path.insert(0, {TESTS_DIR!r})
+import torch.distributed as dist
+from helpers import run_train_actions
+dist.init_process_group("gloo")
+run_train_actions(json.loads(open(sys.argv[1]).read()))
+dist.destroy_process_group()
+"""
+
+
+def torchrun_actions(actions: list, root, nproc: int, timeout: float = 240):
+    """`run_train_actions(actions)` on `nproc` torchrun CPU processes (one process group for all)."""
+    import json
+    from pathlib import Path
+
+    (Path(root) / "actions.json").write_text(json.dumps(actions))
+    return torchrun(TRAIN_ACTIONS_SCRIPT, root, [Path(root) / "actions.json"], nproc, timeout)

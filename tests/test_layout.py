@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = SRC / "hybridlm"
 MAX_FUNCTION_LINES = 80
-SUBPACKAGES = ("model", "lowp", "training", "compress", "serve", "interop")
+SUBPACKAGES = ("model", "lowp", "training", "compress", "serve", "interop", "tasks", "evaluation")
 
 
 def module_name(path: Path) -> str:

@@ -46,12 +46,18 @@ def command(name: str, help: str):
 
 # ---- dataclass <-> argparse (litgpt-style configs) ---------------------------
 def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing `# comments` of dataclass fields, used as --help text."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M)}
+    """Trailing `# comments` of dataclass fields (a subclass's own comments win), used as --help text."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update({m.group(1): m.group(2).strip()
+                         for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M)})
+    return comments
 
 
 def _parse_bool(text: str) -> bool:
@@ -338,6 +344,27 @@ def _train(p: argparse.ArgumentParser):
         if s is not None and s.get("run_dir"):
             print(f"done: step {s['step']}, train loss {s['train_loss']}, val loss {s['val_loss']}, "
                   f"{s['tokens']:,} tokens -> {s['run_dir']}")
+    return run
+
+
+@command("sft", "fine-tune a checkpoint on chat JSONL (loss on assistant tokens only, <think> reasoning, packing "
+                "with document boundaries, new special tokens; resume, DDP/FSDP2 under torchrun)")
+def _sft(p: argparse.ArgumentParser):
+    from .training.sft import SFTConfig
+    add_dataclass_args(p, SFTConfig, skip=("init_from",))  # the base checkpoint is --model
+
+    def run(a):
+        from .training.divergence import TrainingDiverged
+        from .training.sft import sft
+        try:
+            s = sft(dataclass_from_args(SFTConfig, a))
+        except TrainingDiverged as e:
+            raise ValueError(str(e)) from None
+        if s is not None and s.get("run_dir"):
+            info = s["sft"]
+            print(f"done: step {s['step']}, train loss {s['train_loss']}, val loss {s['val_loss']}; "
+                  f"{info['packed']['samples']:,} conversations, {info['packed']['trained_tokens']:,} trained "
+                  f"tokens, added {info['added_tokens'] or 'no'} tokens -> {s['run_dir']}/final")
     return run
 
 

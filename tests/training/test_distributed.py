@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,32 +16,14 @@ from hybridlm.training.loop import train
 from hybridlm.training.metrics import read_metrics
 from hybridlm.training.train_config import TrainConfig
 
+from helpers import torchrun_train
+
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 
 WORLD = 2
 MICRO = 2  # per-rank batch; the single-process reference uses WORLD * MICRO
 TOL = 1e-5
-
-# One process group for the three runs: train() uses a group it finds initialized (and leaves
-# it alone); re-creating the default group in one torchrun process could read stale peer
-# addresses from the launcher's store.
-_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import torch.distributed as dist
-    from hybridlm.training import TrainConfig, train
-    dist.init_process_group("gloo")
-    for cfg in json.loads(open(sys.argv[1]).read()):
-        train(TrainConfig(**cfg))
-    dist.destroy_process_group()
-""")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _cfg(model: str, data: Path, out: Path, **kw) -> dict:
     base = dict(model=model, data=str(data), out=str(out), steps=4, batch_size=WORLD * MICRO, seq_len=32, lr=3e-3,
@@ -75,12 +52,7 @@ def runs(small_shards: Path, tiny_model_file: str, tmp_path_factory: pytest.Temp
              {**ref_fsdp, "out": str(root / "fsdp2"), "batch_size": MICRO, "distributed": "fsdp2"},
              {**ref_fsdp, "out": str(root / "fsdp2_resume"), "batch_size": MICRO, "distributed": "fsdp2",
               "resume": True}]
-    (root / "configs.json").write_text(json.dumps(multi))
-    (root / "run.py").write_text(_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           f"--master_port={_free_port()}", str(root / "run.py"), str(root / "configs.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun_train(multi, root, nproc=WORLD)  # one process group for the three runs
     return {name: root / name for name in ("ref_ddp", "ref_fsdp", "ddp", "fsdp2", "fsdp2_resume")}
 
 

@@ -10,7 +10,8 @@
 * `tokenizer_config` / `write_tokenizer_config`: the ``tokenizer_config.json`` that transformers'
   ``AutoTokenizer`` and llama.cpp's ``convert_hf_to_gguf.py`` need next to a bare ``tokenizer.json``
   (``PreTrainedTokenizerFast``, the special tokens, ``model_max_length``, no BOS/EOS added, the
-  chat template when there is one).
+  chat template when there is one); `added_tokens_decoder` lists its added tokens for one that
+  declares them (chat fine-tuning's special tokens).
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def tokenizer_config(backend: tokenizers.Tokenizer, cfg: HybridConfig, chat_temp
     if chat_template is not None:
         config["chat_template"] = chat_template.source
     return config
+
+
+def added_tokens_decoder(backend: tokenizers.Tokenizer) -> dict[str, dict[str, Any]]:
+    """``added_tokens_decoder`` of a ``tokenizer_config.json``: id (a string) -> the added token's flags."""
+    return {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(backend.get_added_tokens_decoder().items())}
 
 
 def write_tokenizer_config(src: str | Path, dst: str | Path, cfg: HybridConfig) -> Path | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,17 +74,31 @@ def div_const(t: Tensor, denominator: float) -> Tensor:
     return t / torch.full_like(t, denominator)
 
 
-def current_scale(x: Tensor) -> Tensor:
+AmaxReduce = Callable[[Tensor], Tensor]  # local amax (FP32 scalar) -> the amax of the whole tensor
+
+
+def reduced_amax(local_amax: Tensor, reduce_amax: AmaxReduce | None) -> Tensor:
+    """`reduce_amax(local_amax)` (the amax over every rank's part of a tensor split across
+    processes, see `hybridlm.lowp.linear.DataParallelQuant`), NaN where this rank's own part is
+    non-finite (whatever the reduction does with NaN); `local_amax` itself without a reduction."""
+    if reduce_amax is None:
+        return local_amax
+    amax = reduce_amax(local_amax.clone())
+    return torch.where(torch.isfinite(local_amax), amax, torch.full_like(amax, float("nan")))
+
+
+def current_scale(x: Tensor, reduce_amax: AmaxReduce | None = None) -> Tensor:
     """FP32 scalar 448 / amax(|x|), correctly rounded (capped at the FP32 max for a tiny amax,
-    1 for an all-zero tensor, NaN for a non-finite amax)."""
-    amax = x.detach().abs().amax().to(torch.float32)
+    1 for an all-zero tensor, NaN for a non-finite amax); `reduce_amax`: see `reduced_amax`."""
+    amax = reduced_amax(x.detach().abs().amax().to(torch.float32), reduce_amax)
     scale = torch.where(amax > 0, const_div(E4M3_MAX, amax).clamp(max=F32_MAX), torch.ones_like(amax))
     return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
 
 
-def quantize(x: Tensor) -> FP8Tensor:
-    """Per-tensor current-scaled E4M3 quantization of `x` (any shape)."""
-    scale = current_scale(x)
+def quantize(x: Tensor, reduce_amax: AmaxReduce | None = None) -> FP8Tensor:
+    """Per-tensor current-scaled E4M3 quantization of `x` (any shape); with `reduce_amax`, the
+    scale of the whole tensor `x` is one part of (`reduced_amax`)."""
+    scale = current_scale(x, reduce_amax)
     data = (x.detach().to(torch.float32) * scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return FP8Tensor(data, scale.reciprocal())
 

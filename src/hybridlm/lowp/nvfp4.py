@@ -18,8 +18,10 @@ to zero. Values that land above 6 after the E4M3 rounding of S_b saturate to +-6
 Non-finite input: `fake_quantize` returns all-NaN (the trainer then skips the step);
 `quantize` (packed storage: E2M1 has no NaN/inf codes) raises ValueError.
 
-Also here: 4-bit packing (two codes per byte, first element in the low nibble) and the
-16x16 random Hadamard transform (RHT) used on the inputs of the weight-gradient GEMM.
+Also here: 4-bit packing (two codes per byte, first element in the low nibble), the
+16x16 random Hadamard transform (RHT) used on the inputs of the weight-gradient GEMM, and
+`hashed_uniform`: stochastic-rounding noise that is a pure function of (key, row, column),
+so a tensor split by rows across processes gets the noise the whole tensor would get.
 The GEMM itself is simulated: NVFP4 tensor cores exist only on Blackwell.
 
 Both scale formulas are evaluated in FP32 with correctly rounded operations, in the order
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8 import E4M3, E4M3_MAX, F32_MAX, const_div, div_const
+from .fp8 import E4M3, E4M3_MAX, F32_MAX, AmaxReduce, const_div, div_const, reduced_amax
 
 E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of code index 0..7
@@ -59,13 +61,18 @@ def e2m1_round(x: Tensor, stochastic: bool = False, generator: torch.Generator |
     return torch.copysign(_round_magnitude_(x.abs(), stochastic, generator), x)
 
 
-def _round_magnitude_(a: Tensor, stochastic: bool, generator: torch.Generator | None) -> Tensor:
-    """E2M1 rounding of non-negative `a`, in place (few fresh tensors: large CPU allocations are slow)."""
+def _round_magnitude_(a: Tensor, stochastic: bool, generator: torch.Generator | None,
+                      noise: Tensor | None = None) -> Tensor:
+    """E2M1 rounding of non-negative `a`, in place (few fresh tensors: large CPU allocations are slow).
+
+    Stochastic rounding adds `noise` (uniform [0, 1), a's shape) or fresh `torch.rand` draws."""
     a.clamp_(max=E2M1_MAX)
     step = a.mul(0.5).floor_().clamp_(0.5, 2)                     # grid step: 0.5 on [0,2), 1 on [2,4), 2 on [4,6]
     a.div_(step)
     if stochastic:
-        a.add_(torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype)).floor_()
+        if noise is None:
+            noise = torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+        a.add_(noise).floor_()
     else:
         a.round_()                                                # half to even
     return a.mul_(step)
@@ -153,17 +160,20 @@ class _Quantized:
     amax: Tensor          # float32 scalar
 
 
-def _quantize_tiles(x2d: Tensor, rows: int, stochastic: bool, generator: torch.Generator | None) -> _Quantized:
+def _quantize_tiles(x2d: Tensor, rows: int, stochastic: bool, generator: torch.Generator | None,
+                    reduce_amax: AmaxReduce | None = None, noise: Tensor | None = None) -> _Quantized:
     t = _tiles(x2d.detach().to(torch.float32), rows)                     # (Rb, rows, Cb, 16)
     mag = t.abs()
     block_amax = mag.amax(dim=(1, 3)) if rows > 1 else mag.amax(dim=3).squeeze(1)  # (Rb, Cb)
     amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
+    amax = reduced_amax(amax, reduce_amax)
     s_enc = global_encode_scale(amax)
     s_block = block_decode_scales(block_amax, s_enc)
     s_block_f = s_block.to(torch.float32)
     enc = torch.where(s_block_f > 0, (s_enc / s_block_f).clamp(max=F32_MAX), torch.zeros_like(s_block_f))
     mag.mul_(enc[:, None, :, None])
-    values = _round_magnitude_(mag, stochastic, generator).copysign_(t)
+    noise_tiles = None if noise is None else _tiles(noise.to(torch.float32), rows)
+    values = _round_magnitude_(mag, stochastic, generator, noise_tiles).copysign_(t)
     return _Quantized(values, s_block, s_enc, enc, amax)
 
 
@@ -182,14 +192,20 @@ def _as_2d(x: Tensor) -> Tensor:
 
 
 def fake_quantize(x: Tensor, block: tuple[int, int] = (1, BLOCK), stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, reduce_amax: AmaxReduce | None = None,
+                  noise: Tensor | None = None) -> Tensor:
     """NVFP4 quantize + dequantize of `x` (blocks along the last dim), float32, shape of `x`.
 
     `block=(16, 16)` needs a 2-D `x`; then fake_quantize(W, (16,16)).T == fake_quantize(W.T, (16,16)).
+    `reduce_amax`: `x` is one part of a tensor split across processes, s_enc is the whole
+    tensor's (`fp8.reduced_amax`). `noise`: the stochastic-rounding uniforms, x's 2-D shape
+    (e.g. `hashed_uniform`), instead of fresh draws from `generator`.
     """
     rows = _block_rows(block, x)
     x2 = _as_2d(x)
-    q = _quantize_tiles(x2, rows, stochastic, generator)
+    if noise is not None and tuple(noise.shape) != tuple(x2.shape):
+        raise ValueError(f"noise shape {tuple(noise.shape)} != the 2-D input shape {tuple(x2.shape)}")
+    q = _quantize_tiles(x2, rows, stochastic, generator, reduce_amax, noise)
     s_enc = torch.where(torch.isfinite(q.amax), q.s_enc, float("nan"))  # non-finite input: all NaN
     return _dequantize_tiles(q.values, q.block_scales, s_enc, tuple(x2.shape)).reshape(x.shape)
 
@@ -274,3 +290,35 @@ def apply_rht(x: Tensor, seed: int, dim: int = 0) -> Tensor:
     blocks = x.reshape(x.shape[0] // BLOCK, BLOCK, -1)                   # (nb, 16, rest)
     out = torch.matmul(r, blocks).reshape(x.shape)
     return out.movedim(0, dim)
+
+
+# ------------------------------------------------------ position-keyed uniform noise
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)   # SplitMix64's increment, as a signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _srl(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """SplitMix64's finalizer on int64 tensors (wrapping multiplies): a bijection that scrambles bits."""
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def hashed_uniform(key: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """Uniform [0, 1) float32 noise (len(rows), len(cols)): entry (i, j) depends only on
+    (key, rows[i], cols[j]) (24 random bits, like `torch.rand`).
+
+    A counter-based generator: the rows a process holds of a larger tensor (global row
+    indices in `rows`) get exactly the noise the whole tensor gets in one process, which
+    `torch.rand` on each process's part cannot give.
+    """
+    r = _mix64(rows.to(torch.int64) * _GOLDEN + int(key))                      # (R,)
+    z = _mix64(r[:, None] ^ (cols.to(torch.int64)[None, :] * _GOLDEN))         # (R, C)
+    return _srl(z, 40).to(torch.float32) * (2.0 ** -24)

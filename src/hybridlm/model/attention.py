@@ -10,6 +10,9 @@ the block then drops its pre-norm), a norm after o_proj (`post_proj_norm`) and t
 capping of the attention logits (`attn_logit_softcap`). Capping, and recording the
 largest attention logit for monitoring (`record_logits`), need the scores themselves,
 so they take the explicit path `explicit_attention`, which equals SDPA when uncapped.
+
+Packed training rows pass `seq_idx` (`hybridlm.model.documents`): the mask is then
+block-diagonal causal, on both paths.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import HybridConfig
 from .cache import KVCache
+from .documents import document_causal_mask
 from .norms import make_norm, maybe_norm
 from .rowwise import project
 
@@ -96,28 +100,38 @@ class Attention(nn.Module):
         q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
         return maybe_norm(self.q_norm, q), maybe_norm(self.k_norm, k), v
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, key_valid: Tensor | None = None) -> Tensor:
-        """x (b, l, d_model). key_valid (b, k_len) marks real tokens among all keys (None: no padding)."""
+    def forward(self, x: Tensor, cache: KVCache | None = None, key_valid: Tensor | None = None,
+                seq_idx: Tensor | None = None) -> Tensor:
+        """x (b, l, d_model). key_valid (b, k_len) marks real tokens among all keys (None: no padding).
+        seq_idx (b, l): document index of every token of packed training rows (no cache, no padding):
+        a query sees the earlier keys of its own document only (`document_causal_mask`)."""
         b, l, _ = x.shape
+        if seq_idx is not None and (cache is not None or key_valid is not None):
+            raise ValueError("seq_idx (packed documents) is for training: not with a KV cache or a padding mask")
         q, k, v = self._qkv(x)
         if cache is not None:
             k, v = cache.append(k, v)
         k_len = k.shape[2]
-        if self.softcap or self.record_logits:
-            if key_valid is None:
-                key_valid = torch.ones(b, k_len, dtype=torch.bool, device=x.device)
-            out, self.last_logit_max = explicit_attention(q, k, v, attention_mask(l, key_valid), self.softcap,
-                                                          record=self.record_logits)
-        elif key_valid is None and k_len == l:
+        explicit = self.softcap or self.record_logits
+        if seq_idx is not None:
+            out = self._masked(q, k, v, document_causal_mask(seq_idx))
+        elif not explicit and key_valid is None and k_len == l:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif key_valid is None and l == 1:
+        elif not explicit and key_valid is None and l == 1:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:
             if key_valid is None:
                 key_valid = torch.ones(b, k_len, dtype=torch.bool, device=x.device)
-            mask = attention_mask(l, key_valid)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = self._masked(q, k, v, attention_mask(l, key_valid))
         return maybe_norm(self.post_proj_norm, self.o_proj(out.transpose(1, 2).reshape(b, l, -1)))
+
+    def _masked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Attention under a boolean mask (b, 1, lq, lk): `explicit_attention` when capping or
+        recording logits, else SDPA."""
+        if self.softcap or self.record_logits:
+            out, self.last_logit_max = explicit_attention(q, k, v, mask, self.softcap, record=self.record_logits)
+            return out
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def step(self, x: Tensor, kv, positions: Tensor, key_valid: Tensor) -> Tensor:
         """One decoding step on a static cache: x (s, d_model); `kv` a `StaticKV` whose buffers

@@ -17,10 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import HybridConfig
 from .attention import Attention
 from .cache import InferenceCache
+from .documents import check_seq_idx, single_document
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
 from .norms import RMSNorm, maybe_norm
@@ -28,6 +30,7 @@ from .norms import RMSNorm, maybe_norm
 MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
 # Projections that write into the residual stream: scaled down at init (GPT-2 / Megatron).
 RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down_proj")
+IGNORE_INDEX = -100  # targets not scored by `HybridLM.loss` (F.cross_entropy's default ignore_index)
 
 
 class Block(nn.Module):
@@ -37,16 +40,32 @@ class Block(nn.Module):
         pre_norm = not (kind == "attention" and cfg.qkv_norm != "none")  # qkv_norm replaces it
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if pre_norm else None
         self.mixer = MIXERS[kind](cfg)
+        # activation checkpointing (set by activation_checkpointing.py; a plain attribute, so the
+        # parameter names stay): "block" recomputes the whole block in backward, "mixer" the mixer only
+        self.recompute = "none"
 
-    def forward(self, x: Tensor, state=None, valid: Tensor | None = None, key_valid: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, state=None, valid: Tensor | None = None, key_valid: Tensor | None = None,
+                seq_idx: Tensor | None = None) -> Tensor:
+        if self.recompute != "none" and state is None and self.training and torch.is_grad_enabled():
+            if self.recompute == "block":
+                return checkpoint(self._forward, x, None, valid, key_valid, seq_idx, use_reentrant=False)
+            return self._forward(x, None, valid, key_valid, seq_idx, recompute_mixer=True)
+        return self._forward(x, state, valid, key_valid, seq_idx)
+
+    def _forward(self, x: Tensor, state, valid: Tensor | None, key_valid: Tensor | None, seq_idx: Tensor | None,
+                 recompute_mixer: bool = False) -> Tensor:
         h = maybe_norm(self.norm, x)
+        if recompute_mixer:
+            return x + checkpoint(self._mix, h, state, valid, key_valid, seq_idx, use_reentrant=False)
+        return x + self._mix(h, state, valid, key_valid, seq_idx)
+
+    def _mix(self, h: Tensor, state, valid: Tensor | None, key_valid: Tensor | None,
+             seq_idx: Tensor | None) -> Tensor:
         if self.kind == "mamba":
-            h = self.mixer(h, state, valid)
-        elif self.kind == "attention":
-            h = self.mixer(h, state, key_valid)
-        else:
-            h = self.mixer(h)
-        return x + h
+            return self.mixer(h, state, valid, seq_idx)
+        if self.kind == "attention":
+            return self.mixer(h, state, key_valid, seq_idx)
+        return self.mixer(h)
 
 
 class Backbone(nn.Module):
@@ -92,25 +111,36 @@ class HybridLM(nn.Module):
 
     # ---- forward ---------------------------------------------------------
     def forward(self, input_ids: Tensor, cache: InferenceCache | None = None,
-                attention_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+                attention_mask: Tensor | None = None, last_only: bool = False,
+                seq_idx: Tensor | None = None) -> Tensor:
         """Logits (b, l, vocab) for input_ids (b, l); (b, 1, vocab) with `last_only` (prefill:
         the head runs on the last position only).
 
         attention_mask (b, l): True for real tokens, False for padding (left, right or
         holes). With a `cache`, the call continues the cached sequences and updates the
-        cache. Ids and mask are checked in eager mode only: under `torch.compile` the
+        cache. seq_idx (b, l), for training on packed rows only (not with a cache or an
+        attention_mask): the document index of every token, non-decreasing along a row
+        (`hybridlm.model.documents`); documents then never see each other (attention, conv
+        window, SSM state), so a packed row gives each document's logits as if it ran alone.
+        Ids, mask and seq_idx are checked in eager mode only: under `torch.compile` the
         forward has no host synchronisation (checks belong at the API boundary).
         """
+        if seq_idx is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("seq_idx (packed documents) is for training: not with a cache or an attention_mask")
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if not torch.compiler.is_compiling():
             self._check_inputs(input_ids, valid)
             if valid is not None and bool(valid.all()):
                 valid = None  # no padding: every layer takes its unmasked fast path
+            if seq_idx is not None:
+                check_seq_idx(seq_idx, input_ids)
+                if single_document(seq_idx):
+                    seq_idx = None  # one document per row: the unmasked fast paths
         key_valid = cache.extend_mask(valid, input_ids.shape[1]) if cache is not None else valid
         x = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             state = cache.layers[i] if cache is not None else None
-            x = block(x, state, valid, key_valid)
+            x = block(x, state, valid, key_valid, seq_idx)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.backbone.norm_f(x))
@@ -130,10 +160,19 @@ class HybridLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got range "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
-    def loss(self, input_ids: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (targets are already shifted)."""
-        logits = self(input_ids)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    def loss(self, input_ids: Tensor, targets: Tensor, seq_idx: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy over the scored targets (targets are already shifted).
+
+        Targets equal to `IGNORE_INDEX` (-100, F.cross_entropy's ignore_index) are not scored,
+        e.g. a packed document's last token (whose next token starts another document); when
+        none is scored the loss is a zero with a graph (zero gradients), not NaN. `seq_idx`:
+        document boundaries of packed rows, as `forward`.
+        """
+        logits = self(input_ids, seq_idx=seq_idx)
+        flat = targets.reshape(-1)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
+        total = F.cross_entropy(wide, flat, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
     def new_cache(self, batch: int, capacity: int = 256) -> InferenceCache:
         p = self.lm_head.weight

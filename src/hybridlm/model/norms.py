@@ -1,11 +1,12 @@
 """RMSNorm, LayerNorm and the grouped, gated RMSNorm used inside the Mamba-2 mixer.
 
-All normalise in float32 and multiply by the weight in float32 before casting back,
-as the Nemotron-H reference does (Megatron-LM and mamba_ssm's fused gated-norm kernel,
-which transformers also calls on CUDA). transformers' pure-PyTorch gated norm casts
-back first and multiplies after; in float32 the two agree exactly, in bfloat16 they
-differ by one rounding. `make_norm` builds the optional training-stability norms (QK,
-QKV, post-Proj, post-FC2, post-out_proj) from their config kind.
+All normalise in float32 (a float64 model in float64) and multiply by the weight in
+that precision before casting back, as the Nemotron-H reference does (Megatron-LM and
+mamba_ssm's fused gated-norm kernel, which transformers also calls on CUDA).
+transformers' pure-PyTorch gated norm casts back first and multiplies after; in
+float32 the two agree exactly, in bfloat16 they differ by one rounding. `make_norm`
+builds the optional training-stability norms (QK, QKV, post-Proj, post-FC2,
+post-out_proj) from their config kind.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from torch import Tensor, nn
 from .rowwise import local
 
 
+def wide(t: Tensor) -> Tensor:
+    """t in at least float32 (float64 stays float64, so a float64 model is exact to float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    """x / rms(x) over the last dim, computed in float32."""
-    xf = x.float()
+    """x / rms(x) over the last dim, computed in (at least) float32."""
+    xf = wide(x)
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -30,7 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.weight.float() * rms_normalize(x, self.eps)).to(x.dtype)
+        return (wide(self.weight) * rms_normalize(x, self.eps)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -46,7 +52,7 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        y = F.layer_norm(wide(x), self.weight.shape, wide(self.weight), wide(self.bias), self.eps)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -81,7 +87,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        h = x.float() * F.silu(z.float())
+        h = wide(x) * F.silu(wide(z))
         shape = h.shape
         h = rms_normalize(h.view(*shape[:-1], -1, self.group_size), self.eps).view(shape)
-        return (local(self.weight).float() * h).to(x.dtype)
+        return (wide(local(self.weight)) * h).to(x.dtype)

@@ -3,6 +3,9 @@
 `ssd_triton` (forward + backward kernels) is used for CUDA tensors when triton is
 installed; everywhere else, or with ``HYBRIDLM_SSD=pytorch`` in the environment, the
 PyTorch `ssd_chunked` runs. Both are tested equal (`tests/model/test_ssd_triton.py`).
+
+Both take ``seq_idx`` (packed documents, `hybridlm.model.documents`); the kernels mask the
+decay between documents as `ssd_chunked` does (tested equal in `tests/model/test_documents.py`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,26 @@
 """Reading a text corpus: documents out of ``.txt``, ``.txt.gz``, ``.jsonl`` (``.jsonl.gz``) files or directories.
 
+What a document is (``hybridlm data prepare`` records where each one starts, and training
+resets the Mamba state and masks attention at those boundaries):
+
+* ``.jsonl`` / ``.jsonl.gz``: one document per record, its ``text`` field verbatim
+  (blank lines inside a ``text`` do not split it). Blank lines between records are skipped.
+* ``.txt`` / ``.txt.gz``: one document per blank-line-separated block. A line ends at
+  ``\n`` (so ``\r\n`` files work); a line that is empty or holds only whitespace is a
+  separator, and one or more of them in a row end the current document. Separator lines
+  are dropped; the lines of a block are kept verbatim, each with its line ending, so a
+  document ends with ``\n`` unless it is the end of the file. A file with no blank line
+  is one document (its text verbatim); one that is all prose paragraphs is one document
+  per paragraph.
+* a directory: every such file below it, recursively, in sorted path order; documents
+  never span two files.
+
+Whitespace-only documents are skipped everywhere.
+
 * :func:`read_documents` / :func:`iter_documents` stream documents with strict UTF-8
   decoding and errors that name the offending file (and line / byte offset).
-* :func:`default_corpus_path` is the bundled King James Bible (``assets/kjv.txt.gz``).
+* :func:`default_corpus_path` is the bundled King James Bible (``assets/kjv.txt.gz``,
+  one verse per line and no blank line: a single document).
 """
 
 from __future__ import annotations
@@ -50,9 +68,24 @@ def _decode_utf8(data: bytes, path: Path, base_offset: int = 0) -> str:
 
 
 def _read_text_file(path: Path) -> Iterator[str]:
-    """A ``.txt`` / ``.txt.gz`` file is exactly one document (bytes kept verbatim)."""
+    """The blank-line-separated blocks of a ``.txt`` / ``.txt.gz`` file, lines kept verbatim.
+
+    Lines are split at ``\n`` bytes, which never occur inside a multi-byte UTF-8 character,
+    so each line decodes on its own (the file streams).
+    """
+    offset = 0
+    block: list[str] = []
     with _open_binary(path) as f:
-        yield _decode_utf8(f.read(), path)
+        for raw in f:
+            line = _decode_utf8(raw, path, offset)
+            offset += len(raw)
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block)
+                block = []
+    if block:
+        yield "".join(block)
 
 
 def _read_jsonl_file(path: Path) -> Iterator[str]:
@@ -98,10 +131,10 @@ def _read_file(path: Path) -> Iterator[str]:
 def read_documents(path: PathLike) -> Iterator[str]:
     """Stream the documents stored at ``path``.
 
-    ``path`` may be a ``.txt`` / ``.txt.gz`` file (one document), a ``.jsonl`` /
-    ``.jsonl.gz`` file (one document per line, in the ``text`` field) or a directory
-    (all such files below it, recursively, in sorted order). Whitespace-only documents
-    are skipped. Raises FileNotFoundError for a missing path (immediately) and, while
+    ``path`` may be a ``.txt`` / ``.txt.gz`` file (one document per blank-line-separated
+    block), a ``.jsonl`` / ``.jsonl.gz`` file (one document per record, its ``text`` field)
+    or a directory (all such files below it, recursively, in sorted order); the module
+    docstring defines documents exactly. Whitespace-only documents are skipped. Raises FileNotFoundError for a missing path (immediately) and, while
     iterating, ValueError for invalid UTF-8 / JSON or when no document has any text.
     """
     path = Path(path)

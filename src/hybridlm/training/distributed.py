@@ -5,14 +5,17 @@ One code path serves a single process and ``torchrun --nproc_per_node=N``:
 * :func:`setup` - reads the torchrun environment (``WORLD_SIZE``, ``RANK``,
   ``LOCAL_RANK``), initializes the process group (``nccl`` on CUDA, ``gloo`` on CPU)
   and picks the device. ``mode="auto"`` means DDP under torchrun with more than one
-  process and no wrapping otherwise.
+  process and no wrapping otherwise (FSDP2 when ``tp > 1``).
+* :func:`build_mesh` - the ("dp", "tp") DeviceMesh of a tensor-parallel run (world = dp x tp);
+  a TP group of ``tp`` consecutive ranks reads one batch shard (``DistEnv.dp_rank``).
 * :func:`wrap` - DDP around a small module that returns the loss (so the gradient
-  all-reduce hooks fire), or FSDP2 (``fully_shard`` on every block, then on the root).
+  all-reduce hooks fire), or FSDP2 (``fully_shard`` on every block, then on the root),
+  after tensor parallelism on the "tp" mesh dimension when ``tp > 1``.
 * :func:`full_state` / :func:`load_full_state` - the model and optimizer state as full,
-  CPU, FQN-keyed dicts (``torch.distributed.checkpoint.state_dict`` with
-  ``full_state_dict=True, cpu_offload=True``: only rank 0 gets them under FSDP2), and
-  the inverse. Checkpoints are therefore the same in every mode and a run can resume
-  under another mode or world size.
+  CPU, FQN-keyed dicts with canonical names (``torch.distributed.checkpoint.state_dict``
+  with ``full_state_dict=True, cpu_offload=True``: only rank 0 gets them under FSDP2 / TP),
+  and the inverse. Exports are therefore the same in every mode and a run can resume
+  under another mode or world size (sharded runs resume from DCP: `dcp_checkpoint`).
 * :func:`on_main` / :func:`say` - run a function (file system work) or print a message on
   rank 0 only; `on_main`'s result or exception reaches every rank.
 """
@@ -31,6 +34,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .tensor_parallel import (apply_tensor_parallel, is_segmented, optim_to_canonical, optim_to_segmented,
+                              segment_mamba, state_to_canonical, state_to_segmented)
+
 MODES = ("auto", "none", "ddp", "fsdp2")
 
 
@@ -42,6 +48,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     owns_group: bool     # True when setup() created the process group (teardown destroys it)
+    tp: int = 1          # tensor-parallel degree: ranks r // tp * tp ... + tp - 1 share one batch
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "DistEnv":
@@ -55,6 +62,16 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index along the data-parallel dimension (which batch shard it reads)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel degree: world_size // tp (the number of distinct batch shards)."""
+        return self.world_size // self.tp
 
 
 def _free_port() -> int:
@@ -75,8 +92,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 
-def setup(mode: str = "auto", device: str = "auto") -> DistEnv:
+def setup(mode: str = "auto", device: str = "auto", tp: int = 1) -> DistEnv:
     """Resolve the mode, initialize the process group if needed and choose the device.
+
+    ``tp > 1`` (tensor parallelism, :func:`build_mesh`) needs ``mode`` ``fsdp2`` or ``auto``
+    (then fsdp2): the data-parallel dimension of a TP run is FSDP2's.
 
     A process group that is already initialized (by the caller) is used as is and left
     alive by :func:`teardown`; do that to call ``train()`` several times in one torchrun
@@ -89,7 +109,10 @@ def setup(mode: str = "auto", device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if mode == "auto":
-        mode = "ddp" if world > 1 else "none"
+        mode = "fsdp2" if tp > 1 else "ddp" if world > 1 else "none"
+    if tp > 1 and mode != "fsdp2":
+        raise ValueError(f"tp={tp} needs distributed='fsdp2' (or 'auto'), got {mode!r}")
+    check_mesh(world, tp)
     if mode == "none" and world > 1:
         raise ValueError(f"distributed='none' but WORLD_SIZE={world}: use 'ddp' or 'fsdp2' under torchrun")
     dev = resolve_device(device, local_rank)
@@ -106,7 +129,22 @@ def setup(mode: str = "auto", device: str = "auto") -> DistEnv:
         owns = True
     if mode != "none":
         rank, world = dist.get_rank(), dist.get_world_size()
-    return DistEnv(mode, rank, world, local_rank, dev, owns)
+    return DistEnv(mode, rank, world, local_rank, dev, owns, tp)
+
+
+def check_mesh(world: int, tp: int) -> None:
+    """ValueError unless `tp` ranks per tensor-parallel group tile `world` ranks (world = dp x tp)."""
+    if tp > world or world % tp:
+        raise ValueError(f"tensor-parallel degree tp={tp} must divide the world size {world} (world = dp x tp); "
+                         f"launch a multiple of {tp} processes")
+
+
+def build_mesh(env: DistEnv, tp: int):
+    """The 2-D DeviceMesh (world // tp, tp) named ("dp", "tp"): ranks r and r + 1 ... of one "tp" row
+    split each layer, the rows are data-parallel replicas (FSDP2 shards over "dp")."""
+    check_mesh(env.world_size, tp)
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
 def teardown(env: DistEnv) -> None:
@@ -163,42 +201,56 @@ def say(env: DistEnv, msg: str) -> None:
         tqdm.write(f"[hybridlm] {msg}", file=sys.stderr)
 
 
-Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, x, y) -> scalar loss
+# (model, x, y, seq_idx) -> scalar loss; seq_idx (b, l) document indices, or None for one stream per row
+Objective = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 class LossModule(nn.Module):
-    """``forward(x, y) = objective(model, x, y)`` (default ``model.loss(x, y)``), so DDP's hooks
-    wrap the whole loss computation. The objective's own modules (a distillation teacher)
-    are not submodules: DDP neither syncs nor shards them."""
+    """``forward(x, y, seq_idx=None) = objective(model, x, y, seq_idx)`` (default
+    ``model.loss(x, y, seq_idx)``), so DDP's hooks wrap the whole loss computation. The
+    objective's own modules (a distillation teacher) are not submodules: DDP neither
+    syncs nor shards them."""
 
     def __init__(self, model: nn.Module, objective: Objective | None = None) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         if self.objective is not None:
-            return self.objective(self.model, x, y)
-        return self.model.loss(x, y)
+            return self.objective(self.model, x, y, seq_idx)
+        return self.model.loss(x, y) if seq_idx is None else self.model.loss(x, y, seq_idx)
 
 
-def wrap(model: nn.Module, env: DistEnv, objective: Objective | None = None) -> nn.Module:
+def wrap(model: nn.Module, env: DistEnv, objective: Objective | None = None,
+         param_dtype: torch.dtype | None = None) -> nn.Module:
     """The module to call as ``module(x, y) -> loss`` for training steps (`objective`: see LossModule).
 
     ``model`` must already be on ``env.device``. Under FSDP2 it is sharded in place
-    (every ``backbone.layers[i]``, then the root), so create the optimizer afterwards.
+    (every ``backbone.layers[i]``, then the root), so create the optimizer afterwards. With
+    ``env.tp > 1`` the layers are first split across the "tp" dimension of :func:`build_mesh`
+    (`hybridlm.training.tensor_parallel`), then FSDP2 shards over "dp" (none when dp = 1), as
+    torchtitan does. FSDP2 / TP models have segmented Mamba-2 projections (`segment_mamba`).
+    `param_dtype` (FSDP2 mixed precision, e.g. bfloat16): parameters are all-gathered in it for
+    the forward and backward while the shards (master weights) and the optimizer state stay
+    float32, and gradients are reduced in float32; None keeps everything in the model's dtype.
     """
     if env.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DDP(LossModule(model, objective), device_ids=ids)
     if env.mode == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = build_mesh(env, env.tp)
+        segment_mamba(model)  # one parameter per in_proj / conv1d segment: the same DCP keys in every layout
+        apply_tensor_parallel(model, mesh["tp"])  # (nothing to split when tp = 1)
+        if env.dp_size == 1 and env.tp > 1:  # TP alone: no data-parallel dimension to shard
+            return LossModule(model, objective)
+        mesh = mesh["dp"]
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in model.backbone.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     return LossModule(model, objective)
 
 
@@ -208,7 +260,7 @@ def grad_sync(module: nn.Module, env: DistEnv, sync: bool) -> Iterator[None]:
     if env.mode == "ddp" and not sync:
         with module.no_sync():
             yield
-    elif env.mode == "fsdp2":
+    elif env.mode == "fsdp2" and hasattr(module.model, "set_requires_gradient_sync"):  # (not TP alone)
         module.model.set_requires_gradient_sync(sync)
         yield
     else:
@@ -229,22 +281,27 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     """Full CPU model and optimizer state dicts (collective under FSDP2: call on every rank).
 
     Under FSDP2 only rank 0 receives non-empty dicts. Optimizer state is keyed by
-    parameter name, not by index.
+    parameter name, not by index. Keys are canonical (``...mixer.in_proj.weight``) also for a
+    model with segmented Mamba-2 projections (FSDP2 / TP: `hybridlm.training.tensor_parallel`).
     """
-    dcp = _dcp()
-    return (dcp.get_model_state_dict(model, options=_full()),
-            dcp.get_optimizer_state_dict(model, optimizer, options=_full()))
+    model_sd = full_model_state(model)  # first: its state-dict hook reshards an FSDP2 root left unsharded by eval
+    osd = _dcp().get_optimizer_state_dict(model, optimizer, options=_full())
+    return model_sd, optim_to_canonical(osd, model.cfg) if is_segmented(model) else osd
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Full CPU model state dict (collective under FSDP2, where only rank 0 gets it)."""
-    return _dcp().get_model_state_dict(model, options=_full())
+    """Full CPU model state dict, canonical keys (collective under FSDP2 / TP, where only rank 0 gets it)."""
+    sd = _dcp().get_model_state_dict(model, options=_full())
+    return state_to_canonical(sd, model.cfg) if is_segmented(model) else sd
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     model_sd: dict[str, Tensor], optim_sd: dict[str, Any] | None, strict: bool = True) -> None:
     """Inverse of :func:`full_state`; every rank passes the full dicts (collective under FSDP2)."""
     dcp = _dcp()
+    if is_segmented(model):
+        model_sd = state_to_segmented(model_sd, model.cfg)
+        optim_sd = optim_to_segmented(optim_sd, model.cfg) if optim_sd is not None else None
     dcp.set_model_state_dict(model, model_sd, options=dcp.StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optim_sd is not None:
         dcp.set_optimizer_state_dict(model, optimizer, optim_sd, options=dcp.StateDictOptions(full_state_dict=True))

@@ -4,7 +4,8 @@
 checkpoint directory (its config). `resolve_data` accepts prepared shards as they are
 and tokenizes raw text (``.txt`` / ``.jsonl`` / a directory; default: the bundled King
 James Bible) into ``OUT/data`` on rank 0, reusing an earlier tokenization of the same
-source.
+source in the current format. Prepared data may also be packed SFT data
+(`hybridlm.training.packing`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..config import PRESETS, HybridConfig, preset, read_json
 from ..interop.checkpoint import read_config
 from .corpus import default_corpus_path
 from .distributed import DistEnv, on_main, say
-from .shards import META_FILE, prepare_shards
+from .shards import META_FILE, META_FORMAT, prepare_shards
 from .tokenizer import default_tokenizer
 from .train_config import TrainConfig
 
@@ -51,7 +52,8 @@ def resolve_data(tc: TrainConfig, env: DistEnv) -> Path:
         if meta_path.is_file():
             with contextlib.suppress(ValueError, OSError):
                 meta = read_json(meta_path)
-                if meta.get("sources") == [str(src)] and meta.get("val_fraction") == tc.val_fraction:
+                if (meta.get("sources") == [str(src)] and meta.get("val_fraction") == tc.val_fraction
+                        and meta.get("format") == META_FORMAT):  # (an older format is re-tokenized)
                     return str(dest)
         say(env, f"tokenizing {src} into {dest}")
         prepare_shards(src, default_tokenizer(), dest, val_fraction=tc.val_fraction, progress=tc.progress)

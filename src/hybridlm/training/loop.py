@@ -4,10 +4,14 @@
     summary = train(TrainConfig(model="tiny", data="data/", out="runs/x", steps=2000))
 
 The same code runs in one process or under ``torchrun --nproc_per_node=N`` (DDP, or
-FSDP2 with ``distributed="fsdp2"``); the global batch is ``batch_size * world_size *
-grad_accum`` windows of ``seq_len`` tokens and batches are a pure function of the step
+FSDP2 with ``distributed="fsdp2"``, with tensor parallelism over ``tp`` ranks); the global
+batch is ``batch_size * dp * grad_accum`` (``dp = world_size // tp``) windows of ``seq_len``
+tokens and batches are a pure function of the step
 (:meth:`hybridlm.training.dataset.TokenDataset.get_batch`), so resuming from a checkpoint
-repeats the uninterrupted run step for step (bit-exactly on CPU).
+repeats the uninterrupted run step for step (bit-exactly on CPU). With ``documents`` (the
+default) the model gets the data's document boundaries as ``seq_idx`` (Mamba state and
+conv reset, block-diagonal attention); `data` may also be packed SFT data
+(`hybridlm.training.packing`), whose untrained targets are -100.
 
 Run directory ``out/`` (checkpoint files: `hybridlm.training.checkpoints`; the log:
 `hybridlm.training.metrics`)::
@@ -15,10 +19,12 @@ Run directory ``out/`` (checkpoint files: `hybridlm.training.checkpoints`; the l
     train_config.json          the TrainConfig of the latest invocation
     metrics.jsonl              {"kind": "train"|"val"|"skip"|"monitor"|"diverged", "step": ..., ...} per line
     data/                      token shards, when `data` was raw text
-    final/                     the last model: config.json, model.safetensors, tokenizer.json
+    final/                     the last model: config.json, model.safetensors, and the data's
+                               tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...)
     checkpoints/latest         the name of the newest complete checkpoint ("step_00000200")
     checkpoints/step_00000200/ config.json + model.safetensors (a `load_model` directory),
-                               optimizer.pt, rng.pt, trainer_state.json
+                               optimizer.pt (sharded FSDP2 / TP runs: dcp/ with model and
+                               optimizer shards), rng.pt, trainer_state.json
 
 The model config and every flag are checked before any data is read or tokenized.
 
@@ -38,7 +44,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,31 +54,48 @@ from tqdm.auto import tqdm
 
 from ..config import HybridConfig
 from ..interop.checkpoint import model_from_state, save_model
-from ..interop.files import atomic_write, atomic_write_text
-from ..lowp.linear import apply_recipe
+from ..interop.files import atomic_write_text
+from ..lowp.linear import DataParallelQuant, apply_recipe
+from ..model.activation_checkpointing import apply_activation_checkpointing
 from ..model.lm import HybridLM
 from . import distributed as D
-from .checkpoints import CKPT_DIR, publish_dir, rng_state, save_checkpoint, seed_all
-from .dataset import TokenDataset
+from .checkpoints import CKPT_DIR, checkpoint_temp_dir, publish_dir, rng_state, save_checkpoint, seed_all
+from .dcp_checkpoint import DCP_DIR, save_dcp
+from .dataset import Batch, DataSplit
 from .divergence import TrainingDiverged, divergence_reason, nonfinite_reason
 from .inputs import resolve_data, resolve_model_config
 from .metrics import METRICS_FILE, MetricsLog
 from .monitor import OutputMonitor
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from .packing import open_dataset
+from .shards import copy_tokenizer_files
 from .resume import check_init_from, find_resume_checkpoint, load_init_weights, load_resume_checkpoint, restore
+from .tensor_parallel import check_tensor_parallel
 from .train_config import TrainConfig
 
 
+def _on_device(batch: Batch, device: torch.device) -> Batch:
+    """``(x, y[, seq_idx])`` on `device`; seq_idx is dropped when no row crosses a document start
+    (indices count from 0 in each row, so then its last column is all 0: the model's fast path)."""
+    if len(batch) == 3 and not bool(batch[2][:, -1].any()):
+        batch = batch[:2]
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 @torch.no_grad()
-def evaluate(model: HybridLM, val: TokenDataset, batch_size: int, seq_len: int, max_batches: int,
-             env: D.DistEnv, autocast: Any = contextlib.nullcontext) -> float:
-    """Mean loss over the first `max_batches` global validation batches (every rank must call)."""
+def evaluate(model: HybridLM, val: DataSplit, batch_size: int, seq_len: int, max_batches: int,
+             env: D.DistEnv, autocast: Any = contextlib.nullcontext, documents: bool = True) -> float:
+    """Mean loss over the first `max_batches` global validation batches (every rank must call).
+
+    `documents`: give the model the data's document boundaries when it records them.
+    """
     was_training = model.training
     model.eval()
     total, n = torch.zeros((), device=env.device), 0
-    for x, y in val.iter_eval_batches(batch_size, seq_len, max_batches, env.rank, env.world_size):
+    docs = documents and val.has_documents
+    for batch in val.iter_eval_batches(batch_size, seq_len, max_batches, env.dp_rank, env.dp_size, documents=docs):
         with autocast():
-            total += model.loss(x.to(env.device), y.to(env.device)).float()
+            total += model.loss(*_on_device(batch, env.device)).float()
         n += 1
     model.train(was_training)
     return float(D.all_reduce_mean(total / max(n, 1), env))
@@ -82,7 +104,7 @@ def evaluate(model: HybridLM, val: TokenDataset, batch_size: int, seq_len: int, 
 def train(tc: TrainConfig, objective: D.Objective | None = None) -> dict[str, Any]:
     """Train per `tc` and return a summary.
 
-    `objective(model, x, y) -> loss` replaces the LM loss of the training steps (e.g.
+    `objective(model, x, y, seq_idx) -> loss` replaces the LM loss of the training steps (e.g.
     distillation, :mod:`hybridlm.compress.distill`); validation still reports the LM loss.
 
     Summary keys: ``run_dir``, ``step``, ``train_loss`` (last step), ``val_loss`` (last
@@ -93,7 +115,7 @@ def train(tc: TrainConfig, objective: D.Objective | None = None) -> dict[str, An
     corrupt checkpoint, inconsistent config) and :class:`TrainingDiverged` when the run
     diverges (`hybridlm.training.divergence`).
     """
-    env = D.setup(tc.distributed, tc.device)
+    env = D.setup(tc.distributed, tc.device, tc.tp)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         if tc.deterministic:
@@ -106,11 +128,29 @@ def train(tc: TrainConfig, objective: D.Objective | None = None) -> dict[str, An
         D.teardown(env)
 
 
-def _autocast_for(tc: TrainConfig, device: torch.device):
-    use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+def _uses_bf16(tc: TrainConfig, device: torch.device) -> bool:
+    """Whether the run computes in bfloat16: dtype 'bfloat16', or 'auto' on CUDA."""
+    return tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
+
+
+def _autocast_for(tc: TrainConfig, env: D.DistEnv):
+    """The context of every forward: bf16 autocast (one process, DDP, TP alone) or none (float32, FSDP2).
+
+    Under FSDP2 a bf16 run is mixed precision through ``fully_shard``'s
+    ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (`D.wrap`): the
+    float32 sharded parameters (the master weights, and the optimizer state with them) are
+    all-gathered in bf16, the layers compute with bf16 weights and gradients are
+    reduce-scattered in float32. No autocast on top, as torchtitan does (its
+    ``maybe_enable_amp``: "mixed precision training is handled by fully_shard"; autocast only
+    for DDP / one device): the model already keeps its sensitive parts in float32 whatever the
+    weight dtype (norms, dt / A, the SSD scan, attention softmax, the loss), so autocast would
+    only add per-op casts of weights that are bf16 already. The difference to autocast: the
+    residual stream and weight gradients before the reduction are bf16 instead of float32.
+    """
+    fsdp_shards = env.mode == "fsdp2" and (env.tp == 1 or env.dp_size > 1)  # (TP alone has no FSDP2)
+    if not _uses_bf16(tc, env.device) or fsdp_shards:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)
 
 
 def _due(step: int, every: int) -> bool:
@@ -122,7 +162,7 @@ class _Run:
     """One invocation of the loop: the model, optimizer, data and counters, and the step that uses them."""
 
     def __init__(self, tc: TrainConfig, env: D.DistEnv, cfg: HybridConfig, model: HybridLM, module: torch.nn.Module,
-                 opt: torch.optim.Optimizer, train_ds: TokenDataset, val_ds: TokenDataset | None, data_dir: Path,
+                 opt: torch.optim.Optimizer, train_ds: DataSplit, val_ds: DataSplit | None, data_dir: Path,
                  found: str | None) -> None:
         self.tc, self.env, self.cfg, self.model, self.module, self.opt = tc, env, cfg, model, module, opt
         self.train_ds, self.val_ds, self.data_dir = train_ds, val_ds, data_dir
@@ -131,8 +171,8 @@ class _Run:
         self.last_ckpt = Path(found) if found else None
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "bad_steps": 0, "skipped_steps": 0,
                                       "train_loss": None, "val_loss": None, "min_loss": None}
-        self.autocast = _autocast_for(tc, env.device)
-        self.tokens_per_step = tc.batch_size * env.world_size * tc.grad_accum * tc.seq_len
+        self.autocast = _autocast_for(tc, env)
+        self.tokens_per_step = tc.batch_size * env.dp_size * tc.grad_accum * tc.seq_len
         self.end = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
         self.num_params = model.num_params()
         self.metrics: MetricsLog | None = None
@@ -143,6 +183,7 @@ class _Run:
         """Check the inputs (model config first: before any data work), build everything, restore a resume."""
         seed_all(tc.seed)
         cfg = resolve_model_config(tc.model)
+        check_tensor_parallel(cfg, tc.tp)
         found = D.on_main(env, lambda: find_resume_checkpoint(Path(tc.out), tc.resume))
         if tc.resume and found is None:
             D.say(env, f"resume requested but {Path(tc.out) / CKPT_DIR} holds no checkpoint; starting from scratch")
@@ -157,8 +198,12 @@ class _Run:
             load_init_weights(model, init_from)
         model.to(env.device)
         if tc.precision != "bf16":  # FP8 / NVFP4 GEMMs; parameters and checkpoints stay plain
-            D.say(env, apply_recipe(model, tc.precision, tc.high_precision_layers).summary())
-        module = D.wrap(model, env, objective)
+            dp = DataParallelQuant.default_group() if env.distributed else None  # same scales as one process
+            D.say(env, apply_recipe(model, tc.precision, tc.high_precision_layers, dp).summary())
+        if tc.activation_checkpointing != "none":  # recompute in backward (before wrapping, as torchtitan)
+            n = apply_activation_checkpointing(model, tc.activation_checkpointing, tc.ac_every)
+            D.say(env, f"activation checkpointing {tc.activation_checkpointing}: {n} modules recomputed in backward")
+        module = D.wrap(model, env, objective, param_dtype=torch.bfloat16 if _uses_bf16(tc, env.device) else None)
         opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         run = cls(tc, env, cfg, model, module, opt, train_ds, val_ds, data_dir, found)
         if ckpt is not None:
@@ -167,13 +212,13 @@ class _Run:
 
     @staticmethod
     def _open_data(tc: TrainConfig, env: D.DistEnv,
-                   cfg: HybridConfig) -> tuple[Path, TokenDataset, TokenDataset | None]:
+                   cfg: HybridConfig) -> tuple[Path, DataSplit, DataSplit | None]:
         """The train and val splits (tokenizing raw text first), checked against the model and batch shape."""
         data_dir = resolve_data(tc, env)
-        train_ds = TokenDataset(data_dir, "train")
-        val_ds = TokenDataset(data_dir, "val") if tc.eval_batches > 0 else None
+        train_ds = open_dataset(data_dir, "train")
+        val_ds = open_dataset(data_dir, "val") if tc.eval_batches > 0 else None
         if val_ds is not None:  # fail now, not at the first evaluation, if one batch does not fit
-            next(val_ds.iter_eval_batches(tc.batch_size, tc.seq_len, 1, env.rank, env.world_size))
+            next(val_ds.iter_eval_batches(tc.batch_size, tc.seq_len, 1, env.dp_rank, env.dp_size))
         train_ds.check_vocab(cfg.vocab_size)
         return data_dir, train_ds, val_ds
 
@@ -234,12 +279,12 @@ class _Run:
         monitored = env.is_main and _due(step + 1, tc.monitor_every)
         with OutputMonitor(self.model) if monitored else contextlib.nullcontext() as monitor:
             for micro in range(tc.grad_accum):
-                x, y = self.train_ds.get_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed,
-                                               env.rank, env.world_size)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                batch = self.train_ds.get_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed,
+                                                env.dp_rank, env.dp_size,
+                                                documents=tc.documents and self.train_ds.has_documents)
                 with D.grad_sync(self.module, env, sync=micro == tc.grad_accum - 1):
                     with self.autocast():
-                        loss = self.module(x, y)
+                        loss = self.module(*_on_device(batch, env.device))
                     (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float()
         loss_mean = D.all_reduce_mean(loss_sum / tc.grad_accum, env)
@@ -288,7 +333,7 @@ class _Run:
     # ---- evaluation, checkpoints, divergence ----------------------------------------------------
     def _val_loss(self) -> float:
         return evaluate(self.model, self.val_ds, self.tc.batch_size, self.tc.seq_len, self.tc.eval_batches,
-                        self.env, self.autocast)
+                        self.env, self.autocast, self.tc.documents)
 
     def run_eval(self, step: int) -> None:
         self.state["val_loss"] = self._val_loss()
@@ -296,11 +341,18 @@ class _Run:
                             "tokens": self.state["tokens"]})
 
     def save(self, step: int) -> None:
-        env = self.env
-        model_sd, optim_sd = D.full_state(self.model, self.opt) if env.mode == "fsdp2" or env.is_main else (None, None)
-        st = {**self.state, "world_size": env.world_size, "train_config": self.tc.to_dict()}
+        """Checkpoint `step`: sharded runs (FSDP2 / TP) write model + optimizer as DCP shards from every rank
+        plus the gathered weights; others the full state from rank 0 (`hybridlm.training.checkpoints`)."""
+        env, tmp = self.env, None
+        if env.mode == "fsdp2":
+            tmp = Path(D.on_main(env, lambda: str(checkpoint_temp_dir(self.out, step))))
+            save_dcp(self.model, self.opt, tmp / DCP_DIR)
+            model_sd, optim_sd = D.full_model_state(self.model), None
+        else:
+            model_sd, optim_sd = D.full_state(self.model, self.opt) if env.is_main else (None, None)
+        st = {**self.state, "world_size": env.world_size, "tp": env.tp, "train_config": self.tc.to_dict()}
         self.last_ckpt = Path(D.on_main(env, lambda: str(save_checkpoint(
-            self.out, step, self.cfg, model_sd, optim_sd, rng_state(), st, self.tc.keep_last))))
+            self.out, step, self.cfg, model_sd, optim_sd, rng_state(), st, self.tc.keep_last, tmp))))
 
     def stop_diverged(self, step: int, reason: str, loss: float, message: str) -> TrainingDiverged:
         """Log the `diverged` record and return the exception that ends the run."""
@@ -309,14 +361,13 @@ class _Run:
         return TrainingDiverged(message, step, self.last_ckpt)
 
     def _export_final(self) -> None:
-        """OUT/final: the trained model (a `load_model` directory) plus the data's tokenizer.json."""
+        """OUT/final: the trained model (a `load_model` directory) plus the data's tokenizer files."""
         env, data_dir = self.env, self.data_dir
         model_sd = D.full_model_state(self.model) if env.mode == "fsdp2" or env.is_main else None
 
         def fill(tmp: Path) -> None:
             save_model(model_from_state(self.cfg, model_sd), tmp, extra={"step": self.tc.steps})
-            if (data_dir / "tokenizer.json").is_file():
-                atomic_write(tmp / "tokenizer.json", lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
+            copy_tokenizer_files(data_dir, tmp)
 
         D.on_main(env, lambda: publish_dir(self.out / "final", fill))
 

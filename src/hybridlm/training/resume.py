@@ -1,10 +1,12 @@
 """Where a run starts: from scratch, from `init_from` weights, or resumed from its latest checkpoint.
 
 Resuming restores the weights, the optimizer moments, the RNG states and the counters
-(step, tokens, time, ...); the hyper-parameters come from the new `TrainConfig`, so a
-changed learning rate or weight decay takes effect (with a warning that the run then no
-longer repeats an uninterrupted one). A checkpoint of another model config is refused,
-and so are `init_from` weights of another architecture.
+(step, tokens, time, ...); a sharded run's checkpoint from its DCP directory, into any layout
+(one process, DDP, FSDP2, TP, TP x FSDP2). The hyper-parameters come from the new
+`TrainConfig`, so a changed learning rate or weight decay takes effect (with a warning that
+the run then no longer repeats an uninterrupted one). A checkpoint of another model config
+(or whose DCP shapes do not fit the model) is refused, and so are `init_from` weights of
+another architecture.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from ..model.lm import HybridLM
 from . import distributed as D
 from .checkpoints import (CKPT_DIR, LATEST, clean_stale, latest_checkpoint, list_checkpoints, load_checkpoint,
                           set_rng_state)
+from .dcp_checkpoint import load_dcp
 from .train_config import TrainConfig
 
 # Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
 REPEAT_FIELDS = ("batch_size", "grad_accum", "seq_len", "seed", "steps", "lr", "min_lr", "warmup_steps",
-                 "schedule", "weight_decay", "beta1", "beta2", "world_size")
+                 "schedule", "weight_decay", "beta1", "beta2", "world_size", "tp")
 
 
 def config_diff(ours: HybridConfig, theirs: HybridConfig) -> list[str]:
@@ -49,9 +52,10 @@ def find_resume_checkpoint(out: Path, resume: bool) -> str | None:
 
 
 def load_resume_checkpoint(found: str, cfg: HybridConfig, out: Path) -> dict[str, Any]:
-    """`load_checkpoint(found)`, checked to be of model `cfg`; a damaged one names the older one to use."""
+    """`load_checkpoint(found)`, checked to be of model `cfg`; a damaged one names the older one to use.
+    (A sharded run's DCP model and optimizer are left to `restore`, which loads them in this run's layout.)"""
     try:
-        ckpt = load_checkpoint(found)
+        ckpt = load_checkpoint(found, tensors=False)
     except ValueError as e:
         older = [p for p in list_checkpoints(out) if int(p.name[5:]) < int(Path(found).name[5:])]
         hint = (f"; to resume from {older[-1].name} instead, delete {found} and {out / CKPT_DIR / LATEST}"
@@ -79,8 +83,15 @@ def load_init_weights(model: HybridLM, ckpt_dir: str) -> None:
 
 def restore(model: HybridLM, opt: torch.optim.Optimizer, ckpt: dict[str, Any], tc: TrainConfig,
             env: D.DistEnv, state: dict[str, Any]) -> None:
-    """Weights, optimizer moments, RNG and the counters of `state` from `ckpt`; hyper-parameters from `tc`."""
-    D.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"], strict=not model.cfg.tie_embeddings)
+    """Weights, optimizer moments, RNG and the counters of `state` from `ckpt`; hyper-parameters from `tc`.
+
+    A checkpoint with a DCP directory (a sharded run's) is loaded from it, resharded to this run's
+    layout (ValueError first if its shapes do not fit the model); others from the full state dicts.
+    """
+    if ckpt.get("dcp") is not None:
+        load_dcp(model, opt, ckpt["dcp"])
+    else:
+        D.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"], strict=not model.cfg.tie_embeddings)
     for group in opt.param_groups:  # hyper-parameters come from tc, moments from the checkpoint
         group.update(betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=opt.defaults["foreach"],
                      fused=opt.defaults["fused"],

@@ -1,9 +1,18 @@
 """Token shards: tokenize a corpus into raw memory-mappable token files plus ``meta.json``.
 
-:func:`prepare_shards` writes ``train_00000.bin``, ..., ``val_00000.bin``, ``meta.json`` and
-a copy of the tokenizer. Documents are separated by the tokenizer's EOS token; the
+:func:`prepare_shards` writes ``train_00000.bin``, ..., ``val_00000.bin``, the document
+starts ``train_docs.npy`` / ``val_docs.npy``, ``meta.json`` and a copy of the tokenizer.
+Documents (`hybridlm.training.corpus`) are separated by the tokenizer's EOS token; the
 validation split is the last ``val_fraction`` of the token stream (held out, contiguous,
 deterministic). `hybridlm.training.dataset.TokenDataset` reads them back.
+
+Format ``hybridlm-tokens-v2`` (``meta.json``'s ``format``): ``{split}_docs.npy`` is a 1-D
+int64 array of the offsets, into that split's token stream, where a document starts
+(ascending; 0 is always one; the val split starts a document at 0 even when the cut
+falls inside one). The EOS that ends a document belongs to that document, so its
+next-token target is the following document's first token (the target is kept, as
+Megatron-LM does by default). ``hybridlm-tokens-v1`` directories (no document files)
+are still read, as one token stream.
 """
 
 from __future__ import annotations
@@ -18,18 +27,38 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..interop.chat_template import JINJA_NAME, TOKENIZER_CONFIG_NAME
+from ..interop.files import atomic_write
+from ..interop.tokenizer_files import TOKENIZER_NAME
 from .corpus import PathLike, iter_documents
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 META_FILE = "meta.json"
-META_FORMAT = "hybridlm-tokens-v1"
+META_FORMAT = "hybridlm-tokens-v2"
+META_FORMAT_V1 = "hybridlm-tokens-v1"  # no document starts: read as one stream
+TOKEN_FORMATS = (META_FORMAT_V1, META_FORMAT)
+DOCS_SUFFIX = "_docs.npy"  # {split}_docs.npy: int64 document start offsets
+# Tokenizer files a data directory may hold; training copies them into its exported model.
+TOKENIZER_FILES = (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, JINJA_NAME, "special_tokens_map.json")
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens = 256 MiB per uint16 shard
 _ENCODE_BATCH_CHARS = 1 << 20  # tokenize documents in batches of about this many chars
 _ENCODE_BATCH_DOCS = 1024
 COPY_CHUNK = 1 << 24  # tokens per chunk when copying / counting shards
+
+
+def copy_tokenizer_files(src_dir: PathLike, dest_dir: PathLike) -> list[str]:
+    """Copy every file of :data:`TOKENIZER_FILES` that ``src_dir`` holds into ``dest_dir`` (atomically
+    per file); returns the names copied."""
+    src_dir, dest_dir = Path(src_dir), Path(dest_dir)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            atomic_write(dest_dir / name, lambda tmp, n=name: shutil.copyfile(src_dir / n, tmp))
+            copied.append(name)
+    return copied
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -89,23 +118,46 @@ def _document_batches(docs: Iterable[str]) -> Iterator[list[str]]:
 
 def _tokenize_stream(
     docs: Iterable[str], tokenizer: Tokenizer, eos_id: int, dtype: np.dtype, progress: bool
-) -> Iterator[np.ndarray]:
-    """Yield one array per document batch: ``doc0 EOS doc1 EOS ... docN`` across the stream."""
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(tokens, starts)`` per document batch: the stream is ``doc0 EOS doc1 EOS ... docN``.
+
+    ``starts`` (int64) are the stream offsets where the batch's documents start; each EOS
+    is the last token of the document before it.
+    """
     eos = np.array([eos_id], dtype=dtype)
     first, total = True, 0
     with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
         for batch in _document_batches(docs):
             pieces: list[np.ndarray] = []
+            starts: list[int] = []
+            pos = total
             for ids in tokenizer.encode_batch(batch):
                 if not first:
                     pieces.append(eos)
+                    pos += 1
+                starts.append(pos)
                 pieces.append(np.asarray(ids, dtype=dtype))
+                pos += len(ids)
                 first = False
             arr = np.concatenate(pieces)
             total += arr.size
             bar.update(len(batch))
             bar.set_postfix(tokens=f"{total:,}")
-            yield arr
+            yield arr, np.asarray(starts, dtype=np.int64)
+
+
+def split_doc_starts(starts: np.ndarray, n_train: int, n_total: int) -> dict[str, np.ndarray]:
+    """Document starts of the train stream ``[0, n_train)`` and the val stream ``[n_train, n_total)``.
+
+    ``starts`` are ascending offsets into the whole stream; starts at or past the end of
+    the stream (documents that tokenized to nothing) are dropped, and each split starts
+    a document at its offset 0.
+    """
+    starts = np.unique(starts[starts < n_total])
+    train = starts[starts < n_train]
+    val = starts[starts > n_train] - n_train
+    return {"train": np.concatenate([[0], train[train > 0]]).astype(np.int64),
+            "val": np.concatenate([[0], val]).astype(np.int64)}
 
 
 def _val_size(total: int, val_fraction: float, min_val_tokens: int) -> int:
@@ -149,11 +201,12 @@ def _move_tail(train: _ShardWriter, val: _ShardWriter, n_tail: int) -> None:
 def _replace_split_files(out_dir: Path, writers: dict[str, _ShardWriter]) -> None:
     """Remove stale shard files in ``out_dir`` and move the freshly written ones in."""
     for split in SPLITS:
-        for stale in out_dir.glob(f"{split}_*.bin"):
-            stale.unlink()
-    for writer in writers.values():
+        for stale in [*out_dir.glob(f"{split}_*.bin"), out_dir / f"{split}{DOCS_SUFFIX}"]:
+            stale.unlink(missing_ok=True)
+    for split, writer in writers.items():
         for shard in writer.shards:
             shard.replace(out_dir / shard.name)
+        (writer.directory / f"{split}{DOCS_SUFFIX}").replace(out_dir / f"{split}{DOCS_SUFFIX}")
 
 
 def prepare_shards(
@@ -167,15 +220,17 @@ def prepare_shards(
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into ``train_*.bin`` / ``val_*.bin`` token files in ``out_dir``.
 
-    Documents (see :func:`read_documents`) are concatenated with the tokenizer's EOS id
-    between them. The last ``val_fraction`` of the token stream (at least one token,
+    Documents (see :mod:`hybridlm.training.corpus`) are concatenated with the tokenizer's
+    EOS id between them. The last ``val_fraction`` of the token stream (at least one token,
     and at least ``min_val_tokens``) becomes the ``val`` split, the rest ``train``; so
     decoding train followed by val gives back ``EOS.join(documents)``. Token files are raw
     little-endian arrays of ``token_dtype(tokenizer.vocab_size)`` holding at most
-    ``shard_tokens`` tokens each. ``meta.json`` (returned as a dict) records the dtype,
-    shard names, token counts, tokenizer vocab size / EOS id and the sources; the
-    tokenizer itself is saved as ``tokenizer.json`` next to them. Tokenization streams:
-    only one batch of documents is held in memory at a time.
+    ``shard_tokens`` tokens each; ``{split}_docs.npy`` holds the split's document starts
+    (module docstring). ``meta.json`` (returned as a dict) records the format, dtype,
+    shard names, token and document counts, tokenizer vocab size / EOS id and the
+    sources; the tokenizer itself is saved as ``tokenizer.json`` next to them.
+    Tokenization streams: one batch of documents (and the int64 document starts) is held
+    in memory at a time.
     """
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not 0.0 < val_fraction < 1.0:
@@ -189,13 +244,19 @@ def prepare_shards(
     dtype = token_dtype(tokenizer.vocab_size)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     writers = {split: _ShardWriter(staging, split, dtype, shard_tokens) for split in SPLITS}
+    starts: list[np.ndarray] = []
     try:
-        for arr in _tokenize_stream(iter_documents(inputs), tokenizer, tokenizer.eos_id, dtype, progress):
+        for arr, doc_starts in _tokenize_stream(iter_documents(inputs), tokenizer, tokenizer.eos_id, dtype, progress):
             writers["train"].write(arr)
+            starts.append(doc_starts)
         writers["train"].close()
-        n_val = _val_size(writers["train"].num_tokens, val_fraction, min_val_tokens)
+        total = writers["train"].num_tokens
+        n_val = _val_size(total, val_fraction, min_val_tokens)
         _move_tail(writers["train"], writers["val"], n_val)
         writers["val"].close()
+        docs = split_doc_starts(np.concatenate(starts), total - n_val, total)
+        for split, doc_starts in docs.items():
+            np.save(staging / f"{split}{DOCS_SUFFIX}", doc_starts)
         _replace_split_files(out_dir, writers)
     finally:
         for writer in writers.values():
@@ -211,7 +272,9 @@ def prepare_shards(
         "sources": [str(p) for p in inputs],
         "tokenizer": "tokenizer.json",
         "splits": {
-            split: {"num_tokens": w.num_tokens, "shards": [p.name for p in w.shards]} for split, w in writers.items()
+            split: {"num_tokens": w.num_tokens, "shards": [p.name for p in w.shards],
+                    "num_documents": int(docs[split].size), "documents": f"{split}{DOCS_SUFFIX}"}
+            for split, w in writers.items()
         },
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -4,8 +4,9 @@ This module owns
 
 * :class:`Tokenizer` - a small wrapper over ``tokenizers.Tokenizer`` with the interface the
   rest of hybridlm uses (``encode`` / ``encode_batch`` / ``decode`` / ``vocab_size`` /
-  ``eos_id`` / ``chat_template`` / ``save``). Encoding never adds special tokens and decoding never drops
-  them, so for byte-level BPE ``decode(encode(text)) == text`` for every string.
+  ``eos_id`` / ``chat_template`` / ``add_special_tokens`` / ``save``). Encoding never adds
+  special tokens and decoding never drops them, so for byte-level BPE
+  ``decode(encode(text)) == text`` for every string.
 * :func:`train_tokenizer` - trains a GPT-2 style byte-level BPE (ByteLevel pre-tokenizer
   without prefix space + ByteLevel decoder, all 256 bytes in the base vocabulary) whose
   only special token is ``<|endoftext|>`` (id 0), the EOS / document separator.
@@ -102,6 +103,20 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         """Token string of an id, or None if out of range."""
         return self._tok.id_to_token(token_id)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[str]:
+        """Make `tokens` special (never split, kept by `decode`); returns those that got a new id.
+
+        A token already in the vocabulary keeps its id (it is only marked special); new ones get
+        the next ids in order. ValueError for an empty or whitespace-only token.
+        """
+        tokens = list(dict.fromkeys(tokens))
+        bad = [t for t in tokens if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ValueError(f"special tokens must be non-blank strings, got {bad}")
+        new = [t for t in tokens if self._tok.token_to_id(t) is None]
+        self._tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in tokens])
+        return new
 
     def save(self, path: PathLike) -> Path:
         """Write the tokenizer as a ``tokenizer.json`` file; returns its path."""

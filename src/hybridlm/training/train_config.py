@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..lowp.recipe import Recipe, check_layer_spec
+from ..model.activation_checkpointing import check_activation_checkpointing
 from .distributed import MODES
 from .optim import SCHEDULES
 
@@ -27,6 +28,7 @@ class TrainConfig:
     batch_size: int = 16  # micro-batch per rank, in sequences
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * world * grad_accum)
     seq_len: int = 256  # tokens per sequence
+    documents: bool = True  # reset the Mamba state/conv and mask attention at the document boundaries that data prepare records (false: train on one token stream)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # final learning rate of the cosine / WSD decay
     warmup_steps: int = 100  # linear warmup steps
@@ -57,6 +59,9 @@ class TrainConfig:
     progress: bool = True  # show a progress bar (rank 0)
     val_fraction: float = 0.01  # held-out fraction when tokenizing raw text
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CUDA too)
+    tp: int = 1  # tensor-parallel degree (splits heads of attention / Mamba and the MLP across this many ranks; world size = dp x tp)
+    activation_checkpointing: str = "none"  # none | full (recompute every block in backward) | selective (only the Mamba and attention mixers)
+    ac_every: int = 1  # checkpoint every k-th block
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -86,6 +91,15 @@ class TrainConfig:
         need(self.distributed in MODES, f"distributed must be one of {MODES}, got {self.distributed!r}")
         need(self.stop_at is None or self.stop_at >= 1, f"stop_at must be >= 1, got {self.stop_at}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        need(isinstance(self.tp, int) and not isinstance(self.tp, bool) and self.tp >= 1,
+             f"tp must be an integer >= 1, got {self.tp!r}")
+        need(self.tp == 1 or self.distributed in ("auto", "fsdp2"),
+             f"tp={self.tp} needs distributed='fsdp2' or 'auto' (FSDP2 over the data-parallel ranks), "
+             f"got {self.distributed!r}")
+        need(self.tp == 1 or self.precision == "bf16",
+             f"tp={self.tp} supports precision='bf16' only (the FP8 / NVFP4 layers are not tensor-parallel), "
+             f"got {self.precision!r}")
+        check_activation_checkpointing(self.activation_checkpointing, self.ac_every)  # ValueError naming it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
