@@ -21,7 +21,7 @@ Prints a markdown table (accuracy, mean thinking tokens, mean answer tokens per 
 writes ``OUT/results.json`` and the plot ``docs/img/exp_reasoning.png``. The base and SFT
 runs are cached in ``OUT/`` (a re-run resumes or skips them).
 
-    python benchmarks/exp_reasoning.py --threads 2                        # ~25 min on a 2-core CPU
+    python benchmarks/exp_reasoning.py --threads 2                        # ~30 min on a 2-core CPU
     python benchmarks/exp_reasoning.py --pretrain-steps 20 --sft-steps 20 --test 20 --out /tmp/r   # smoke
 """
 
@@ -111,6 +111,17 @@ def conditions(median: int) -> dict[str, tuple[bool, int | None]]:
     return out
 
 
+def step_agreement(reasoning: str | None, problem) -> tuple[float, float]:
+    """For `count` traces ("1 b:0, 2 a:1, ..."): the share of the true steps whose letter the model copied
+    right ("2 a"), and whose running count it also got right ("2 a:1"), position by position."""
+    true = problem.trace.rsplit(", so ", 1)[0].split(", ")
+    said = (reasoning or "").rsplit(", so ", 1)[0].split(", ")
+    said += [""] * (len(true) - len(said))
+    copied = sum(t.split(":")[0] == g.split(":")[0] for t, g in zip(true, said)) / len(true)
+    counted = sum(t == g for t, g in zip(true, said)) / len(true)
+    return copied, counted
+
+
 def evaluate_condition(engine: Engine, tok: Tokenizer, problems: list, think: bool, budget: int | None,
                        max_tokens: int) -> dict:
     """Greedy answers to every problem under one condition: accuracy and token counts."""
@@ -119,8 +130,12 @@ def evaluate_condition(engine: Engine, tok: Tokenizer, problems: list, think: bo
     done = engine.generate(prompts, params)
     correct = [is_correct(c.text, p) for c, p in zip(done, problems)]
     in_think = opens_thinking(tok.decode(prompts[0]))
-    thinking = [len(tok.encode(split_reasoning(c.text, in_think)[0] or "")) for c in done]
+    reasoning = [split_reasoning(c.text, in_think)[0] for c in done]
+    thinking = [len(tok.encode(r or "")) for r in reasoning]
+    steps = [step_agreement(r, p) for r, p in zip(reasoning, problems)] if think and problems[0].kind == "count" else []
     return {"accuracy": sum(correct) / len(problems), "correct": sum(correct), "n": len(problems),
+            "letters_copied": statistics.mean(s[0] for s in steps) if steps else None,
+            "counts_right": statistics.mean(s[1] for s in steps) if steps else None,
             "thinking_tokens": statistics.mean(thinking), "completion_tokens": statistics.mean(
                 c.completion_tokens for c in done), "example": done[0].text}
 
@@ -140,11 +155,12 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| condition | accuracy | correct / n | thinking tokens (mean) | completion tokens (mean) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| condition | accuracy | correct / n | thinking tokens (mean) | trace steps: letter copied / "
+             "count right |", "|---|---:|---:|---:|---:|"]
     for name, r in results["conditions"].items():
+        steps = "-" if r["letters_copied"] is None else f"{r['letters_copied']:.0%} / {r['counts_right']:.0%}"
         lines.append(f"| {name} | {r['accuracy']:.1%} | {r['correct']} / {r['n']} | {r['thinking_tokens']:.1f} "
-                     f"| {r['completion_tokens']:.1f} |")
+                     f"| {steps} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@
     hybridlm train --model tiny --data data/ --out runs/x
     hybridlm generate --ckpt runs/x/final --prompt "In the beginning"
     hybridlm eval --ckpt runs/x/final --data data/
+    hybridlm eval --ckpt runs/sft/final --tasks hybridlm_reasoning,hybridlm_kjv_verses
+    hybridlm sft --model runs/x/final --data chats.jsonl --out runs/sft
     hybridlm report runs/x
     hybridlm convert SRC DST --to hf
     hybridlm train --precision nvfp4 --high-precision-layers first:1,last:4 --out runs/fp4
@@ -368,33 +370,88 @@ def _sft(p: argparse.ArgumentParser):
     return run
 
 
-@command("eval", "validation loss and perplexity of a model on prepared token shards")
+@command("eval", "validation loss / perplexity on token shards (--data), or lm-evaluation-harness tasks (--tasks)")
 def _eval(p: argparse.ArgumentParser):
     add_model_source(p)
-    p.add_argument("--data", required=True, help="prepared shard directory (hybridlm data prepare)")
+    p.add_argument("--data", help="prepared shard directory (hybridlm data prepare): loss and perplexity")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=50, help="at most this many batches")
+    p.add_argument("--documents", type=_parse_bool, nargs="?", const=True, default=True,
+                   help="--data: use the data's document boundaries (false: one token stream)")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated: hybridlm_kjv_verses, hybridlm_reasoning, any "
+                                   "installed lm-eval task (its dataset cached for offline use), or one of --include-path")
+    p.add_argument("--include-path", action="append", help="a directory of lm-eval task YAMLs (repeatable)")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (below 1: a fraction of them)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--max-gen-toks", type=int, default=None, help="generation limit of generate_until tasks "
+                                                                  "(default: the task's)")
+    p.add_argument("--thinking-budget", type=int, default=None, help="close <think> after this many tokens")
+    p.add_argument("--no-think", action="store_true", help="chat prompts get the system message /no_think "
+                                                           "instead of /think")
+    p.add_argument("--chat", choices=["auto", "all", "none"], default="auto",
+                   help="render prompts with the chat template: for the chat tasks only (auto), all tasks, none")
+    p.add_argument("--metadata", help='JSON object given to every task, e.g. \'{"kjv_books": "Genesis"}\'')
+    p.add_argument("--tokenizer", help="tokenizer.json (default: beside the checkpoint, else bundled)")
+    p.add_argument("--chat-template", help="a .jinja file, tokenizer_config.json or directory (default: the "
+                                           "checkpoint's, else the bundled SFT template)")
+    p.add_argument("--output", help="--tasks: write lm-eval's results JSON here")
     p.add_argument("--device", default="auto")
-    add_compile_flag(p, "the forward")
+    add_compile_flag(p, "the forward (--data) / the decode step (--tasks)")
 
     def run(a):
-        import math
-
-        from .training.dataset import TokenDataset
-        from .training.distributed import DistEnv
-        from .training.loop import evaluate
-        model = load_model_from(a)
-        data = TokenDataset(a.data, split=a.split)
-        data.check_vocab(model.cfg.vocab_size)
-        if a.compile:
-            from .model.compiled import compile_forward
-            show_compile_log()
-            compile_forward(model)
-        loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, DistEnv.single(model.lm_head.weight.device))
-        print(f"{a.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
+        if bool(a.data) == bool(a.tasks):
+            raise ValueError("give one of --data (loss and perplexity) and --tasks (lm-eval tasks)")
+        return _eval_tasks(a) if a.tasks else _eval_loss(a)
     return run
+
+
+def _eval_loss(a: argparse.Namespace) -> None:
+    """`hybridlm eval --data`: mean loss and perplexity over token shards or packed SFT data."""
+    import math
+
+    from .training.distributed import DistEnv
+    from .training.loop import evaluate
+    from .training.packing import open_dataset
+    model = load_model_from(a)
+    data = open_dataset(a.data, a.split)
+    data.check_vocab(model.cfg.vocab_size)
+    if a.compile:
+        from .model.compiled import compile_forward
+        show_compile_log()
+        compile_forward(model)
+    loss = evaluate(model, data, a.batch_size, a.seq_len, a.batches, DistEnv.single(model.lm_head.weight.device),
+                    documents=a.documents)
+    print(f"{a.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
+
+
+def _eval_tasks(a: argparse.Namespace) -> None:
+    """`hybridlm eval --tasks`: lm-eval tasks on the model in this process; prints lm-eval's table."""
+    import json
+
+    from .evaluation import evaluate_tasks, results_table
+    try:
+        metadata = json.loads(a.metadata) if a.metadata else None
+    except ValueError as err:
+        raise ValueError(f"--metadata is not valid JSON: {err}") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError("--metadata must be a JSON object")
+    if a.compile:
+        show_compile_log()
+    gen = {k: v for k, v in (("max_gen_toks", a.max_gen_toks), ("thinking_budget", a.thinking_budget))
+           if v is not None}
+    limit = None if a.limit is None else int(a.limit) if a.limit >= 1 else a.limit
+    results = evaluate_tasks(load_model_from(a), load_tokenizer_for(a), a.tasks, include_path=a.include_path,
+                             limit=limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size, gen_kwargs=gen or None,
+                             apply_chat_template={"auto": None, "all": True, "none": False}[a.chat],
+                             thinking=not a.no_think, metadata=metadata, compile=a.compile)
+    print(results_table(results))
+    if a.output:
+        out = Path(a.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {out}")
 
 
 @command("report", "write report.html (loss curves, lr, throughput, samples) for a training run")
@@ -675,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into `head` and the like

@@ -28,7 +28,7 @@ from .train_config import TrainConfig
 
 # Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
 REPEAT_FIELDS = ("batch_size", "grad_accum", "seq_len", "seed", "steps", "lr", "min_lr", "warmup_steps",
-                 "schedule", "weight_decay", "beta1", "beta2", "world_size", "tp")
+                 "schedule", "weight_decay", "beta1", "beta2", "world_size", "tp", "documents")
 
 
 def config_diff(ours: HybridConfig, theirs: HybridConfig) -> list[str]:
