@@ -6,6 +6,8 @@
     mlp.py        squared-ReLU MLP (-)        cache.py      constant-size Mamba state + growing KV cache
     lm.py         `HybridLM`: embeddings -> blocks -> norm_f -> lm_head, HF parameter names
     info.py       parameter counts and inference memory of a config
+    documents.py  seq_idx (packed documents): cu_seqlens <-> seq_idx, checks, block-diagonal causal mask
+    activation_checkpointing.py  per-block activation checkpointing: none / full / selective (mixers), every k-th
 """
 
 from .cache import InferenceCache, KVCache, MambaState

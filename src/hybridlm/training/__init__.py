@@ -11,6 +11,11 @@
     monitor.py      linear-output RMS + attention-logit monitoring (Rybakov et al.)
     divergence.py   stopping a diverged run           sweep.py    stability variants x learning rates
     report.py       report.html with plots and samples
+    packing.py      packed SFT rows (each conversation its own document, trained-token mask), `open_dataset`
+    chat_data.py    chat JSONL, checked          sft_render.py  conversations -> ids + assistant-only mask
+    vocab.py        special tokens, vocabulary resize (new rows = the mean)    sft.py  `SFTConfig`, `sft()`
+    tensor_parallel.py  Megatron TP on DTensor   dcp_checkpoint.py  sharded checkpoints that reshard
+    flops.py        model FLOPs per token and MFU
 """
 
 from .dataset import TokenDataset
