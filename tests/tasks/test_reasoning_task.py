@@ -7,18 +7,8 @@ import re
 
 import pytest
 
-from hybridlm.tasks.reasoning import (
-    KINDS,
-    add_problem,
-    chat_messages,
-    count_problem,
-    extract_answer,
-    generate_problems,
-    is_correct,
-    median_trace_tokens,
-    problem_split,
-    write_chat_jsonl,
-)
+from hybridlm.tasks.reasoning import KINDS, add_problem, chat_messages, count_problem, extract_answer
+from hybridlm.tasks.reasoning import generate_problems, is_correct, median_trace_tokens, problem_split, write_chat_jsonl
 
 
 # ---- independent recomputation of each kind from its question ---------------------------------------
