@@ -194,6 +194,15 @@ def load_tokenizer_for(args: argparse.Namespace):
     return tok
 
 
+def run_training(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` (train, sft, distill), a diverged run ending in one `error:` line like any bad input."""
+    from .training.divergence import TrainingDiverged
+    try:
+        return fn(*args)
+    except TrainingDiverged as e:
+        raise ValueError(str(e)) from None
+
+
 # ---- commands -------------------------------------------------------------------
 @command("info", "parameter count and inference memory of a model")
 def _info(p: argparse.ArgumentParser):
@@ -337,12 +346,8 @@ def _train(p: argparse.ArgumentParser):
     add_dataclass_args(p, TrainConfig)
 
     def run(a):
-        from .training.divergence import TrainingDiverged
         from .training.loop import train
-        try:
-            s = train(dataclass_from_args(TrainConfig, a))
-        except TrainingDiverged as e:
-            raise ValueError(str(e)) from None
+        s = run_training(train, dataclass_from_args(TrainConfig, a))
         if s is not None and s.get("run_dir"):
             print(f"done: step {s['step']}, train loss {s['train_loss']}, val loss {s['val_loss']}, "
                   f"{s['tokens']:,} tokens -> {s['run_dir']}")
@@ -356,12 +361,8 @@ def _sft(p: argparse.ArgumentParser):
     add_dataclass_args(p, SFTConfig, skip=("init_from",))  # the base checkpoint is --model
 
     def run(a):
-        from .training.divergence import TrainingDiverged
         from .training.sft import sft
-        try:
-            s = sft(dataclass_from_args(SFTConfig, a))
-        except TrainingDiverged as e:
-            raise ValueError(str(e)) from None
+        s = run_training(sft, dataclass_from_args(SFTConfig, a))
         if s is not None and s.get("run_dir"):
             info = s["sft"]
             print(f"done: step {s['step']}, train loss {s['train_loss']}, val loss {s['val_loss']}; "
@@ -579,13 +580,9 @@ def _distill(p: argparse.ArgumentParser):
     def run(a):
         from .compress.distill import distill
         from .interop.checkpoint import read_config
-        from .training.divergence import TrainingDiverged
         read_config(a.student)  # clear error for a missing or foreign student directory
         tc = dataclass_from_args(TrainConfig, a, model=a.student, init_from=a.student)
-        try:
-            s = distill(tc, dataclass_from_args(DistillConfig, a))
-        except TrainingDiverged as e:
-            raise ValueError(str(e)) from None
+        s = run_training(distill, tc, dataclass_from_args(DistillConfig, a))
         print(f"done: step {s['step']}, train loss (KD objective) {s['train_loss']}, val LM loss {s['val_loss']}, "
               f"{s['tokens']:,} tokens -> {s['run_dir']}")
     return run
