@@ -41,6 +41,7 @@ from tqdm import tqdm
 from ..interop.chat_template import ChatTemplate, read_chat_template_file
 from ..interop.convert import load as load_checkpoint
 from ..model.lm import HybridLM
+from ..model.norms import wide
 from ..serve.engine import Engine
 from ..serve.sampling import SamplingParams
 from ..training.tokenizer import Tokenizer, default_tokenizer
@@ -187,7 +188,7 @@ class HybridLMEval(TemplateLM):
         scores = []
         for r, (inp, cont) in enumerate(rows):
             rows_logits = logits[r, len(inp) - len(cont):len(inp)]  # (n, vocab): the predictions of `cont`
-            logp = torch.log_softmax(rows_logits.to(torch.promote_types(rows_logits.dtype, torch.float32)), dim=-1)
+            logp = torch.log_softmax(wide(rows_logits), dim=-1)
             target = torch.tensor(cont, dtype=torch.long, device=self._device)
             scores.append((float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
         return scores

@@ -25,7 +25,7 @@ from .cache import InferenceCache
 from .documents import check_seq_idx, single_document
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .norms import RMSNorm, maybe_norm
+from .norms import RMSNorm, maybe_norm, wide
 
 MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
 # Projections that write into the residual stream: scaled down at init (GPT-2 / Megatron).
@@ -170,8 +170,7 @@ class HybridLM(nn.Module):
         """
         logits = self(input_ids, seq_idx=seq_idx)
         flat = targets.reshape(-1)
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
-        total = F.cross_entropy(wide, flat, ignore_index=IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(wide(logits).reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
     def new_cache(self, batch: int, capacity: int = 256) -> InferenceCache:

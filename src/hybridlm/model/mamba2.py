@@ -24,15 +24,10 @@ from torch import Tensor, nn
 from ..config import HybridConfig
 from .cache import MambaState
 from .documents import same_document_as_previous
-from .norms import GatedRMSNorm, make_norm, maybe_norm
+from .norms import GatedRMSNorm, make_norm, maybe_norm, wide
 from .rowwise import local, project
 from .scan import chunked_scan
 from .ssd import ssd_step
-
-
-def _wide(t: Tensor) -> Tensor:
-    """t in at least float32 (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _shifted(x: Tensor, shift: int, keep: Tensor) -> Tensor:
@@ -108,11 +103,11 @@ class Mamba2Mixer(nn.Module):
         """softplus(dt + dt_bias), clamped, in (at least) float32 whatever the autocast dtype (as
         mamba_ssm); a float64 model stays float64."""
         with torch.autocast(dt.device.type, enabled=False):
-            return F.softplus(_wide(dt) + _wide(local(self.dt_bias))).clamp(*self.cfg.time_step_limit)
+            return F.softplus(wide(dt) + wide(local(self.dt_bias))).clamp(*self.cfg.time_step_limit)
 
     def _A(self) -> Tensor:
         """A = -exp(A_log), one negative decay rate per head, in (at least) float32."""
-        return -torch.exp(_wide(local(self.A_log)))
+        return -torch.exp(wide(local(self.A_log)))
 
     def _conv(self, xBC: Tensor, state: MambaState | None, valid: Tensor | None,
               seq_idx: Tensor | None = None) -> Tensor:
@@ -147,12 +142,12 @@ class Mamba2Mixer(nn.Module):
         """The causal conv + SiLU of `_conv` on packed rows: a tap reading an earlier document's
         input (or one before the row) reads zero instead (`DocumentConv`)."""
         weight, bias = local(self.conv1d.weight)[:, 0], local(self.conv1d.bias)   # (c, k), (c,)
-        wide = torch.promote_types(xBC.dtype, weight.dtype)
+        common = torch.promote_types(xBC.dtype, weight.dtype)
         keeps = [same_document_as_previous(seq_idx, s) for s in range(1, weight.shape[1])]
         keeps = torch.stack(keeps) if keeps else seq_idx.new_zeros((0, *seq_idx.shape), dtype=torch.bool)
-        out = DocumentConv.apply(xBC.to(wide), weight.to(wide), keeps)           # (b, l, c)
+        out = DocumentConv.apply(xBC.to(common), weight.to(common), keeps)           # (b, l, c)
         if bias is not None:
-            out = out + bias.to(wide)
+            out = out + bias.to(common)
         return F.silu(out).to(xBC.dtype)
 
     def forward(self, u: Tensor, state: MambaState | None = None, valid: Tensor | None = None,
