@@ -16,7 +16,7 @@ from hybridlm.model import HybridLM
 from hybridlm.training.dataset import TokenDataset
 from hybridlm.training.loop import train
 from hybridlm.training.packing import PACKED_FORMAT, PackedDataset, open_dataset, write_packed_dataset
-from hybridlm.training.shards import TOKENIZER_FILES
+from hybridlm.interop.tokenizer_files import TOKENIZER_FILES
 from hybridlm.training.tokenizer import Tokenizer, default_tokenizer
 
 from helpers import small_model

@@ -13,14 +13,14 @@ files are copied beside the weights.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from ..interop.compressed import CompressedExport, export_compressed
-from ..interop.convert import TOKENIZER_FILES, load
+from ..interop.convert import load
+from ..interop.tokenizer_files import copy_tokenizer_files
 from ..lowp.recipe import Recipe
 from ..training.dataset import TokenDataset
 from .importance import calibration_batches
@@ -63,7 +63,5 @@ def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, fmt: str | Non
     batches = calibration_data(calib, model.cfg.vocab_size, calib_seqs, seq_len, batch_size)
     result = export_compressed(model, out, fmt, batches, high_precision_layers, fp8_granularity, recipe,
                                dense_dtype)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    copy_tokenizer_files(src, out)
     return result

@@ -7,7 +7,6 @@ architecture).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,11 +18,7 @@ from .files import read_header, read_json_file, require_dir, uniform_dtype
 from .gguf import convert_to_gguf, gguf_dtype_name
 from .hf_config import HF_ARCHITECTURE, HF_MODEL_TYPE
 from .hf_weights import DEFAULT_MAX_SHARD_BYTES, load_hf_dir, save_hf_dir
-from .tokenizer_files import write_tokenizer_config
-
-# Files next to the weights that a conversion carries over unchanged.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+from .tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, write_tokenizer_config
 
 
 def detect_format(path: str | Path) -> str:
@@ -92,9 +87,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, dtype: torc
         save_hf_dir(model, dst, max_shard_bytes=max_shard_bytes)
     else:
         save_model(model, dst)
-    for name in TOKENIZER_FILES + remote_code_files(model.cfg.extra.get("auto_map")):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+    copy_tokenizer_files(src, dst, TOKENIZER_FILES + remote_code_files(model.cfg.extra.get("auto_map")))
     write_tokenizer_config(src, dst, model.cfg)
     return dst
 

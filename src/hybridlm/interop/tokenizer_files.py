@@ -12,11 +12,14 @@
   (``PreTrainedTokenizerFast``, the special tokens, ``model_max_length``, no BOS/EOS added, the
   chat template when there is one); `added_tokens_decoder` lists its added tokens for one that
   declares them (chat fine-tuning's special tokens).
+* `TOKENIZER_FILES` / `copy_tokenizer_files`: the files next to the weights that travel with a
+  model (conversion, quantization, the training loop's final export), copied atomically.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +28,26 @@ from typing import Any
 import tokenizers
 
 from ..config import HybridConfig
-from .chat_template import TOKENIZER_CONFIG_NAME, ChatTemplate, load_chat_template
-from .files import atomic_write_text
+from .chat_template import JINJA_NAME, TOKENIZER_CONFIG_NAME, ChatTemplate, load_chat_template
+from .files import atomic_write, atomic_write_text
 
 TOKENIZER_NAME = "tokenizer.json"
 BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / TOKENIZER_NAME  # training.tokenizer's default
+# Files next to the weights that travel with a model unchanged.
+TOKENIZER_FILES = (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", JINJA_NAME)
+
+
+def copy_tokenizer_files(src_dir: str | Path, dest_dir: str | Path,
+                         names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    """Copy each of `names` that ``src_dir`` holds into ``dest_dir`` (atomically per file); the names copied."""
+    src_dir, dest_dir = Path(src_dir), Path(dest_dir)
+    copied = []
+    for name in names:
+        if (src_dir / name).is_file():
+            atomic_write(dest_dir / name, lambda tmp, n=name: shutil.copyfile(src_dir / n, tmp))
+            copied.append(name)
+    return copied
 
 
 @dataclass

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from ..config import HybridConfig
 from ..interop.checkpoint import model_from_state, save_model
 from ..interop.files import atomic_write_text
+from ..interop.tokenizer_files import copy_tokenizer_files
 from ..lowp.linear import DataParallelQuant, apply_recipe
 from ..model.activation_checkpointing import apply_activation_checkpointing
 from ..model.lm import HybridLM
@@ -68,7 +69,6 @@ from .metrics import METRICS_FILE, MetricsLog
 from .monitor import OutputMonitor
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from .packing import open_dataset
-from .shards import copy_tokenizer_files
 from .resume import check_init_from, find_resume_checkpoint, load_init_weights, load_resume_checkpoint, restore
 from .tensor_parallel import check_tensor_parallel
 from .train_config import TrainConfig

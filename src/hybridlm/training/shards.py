@@ -27,9 +27,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..interop.chat_template import JINJA_NAME, TOKENIZER_CONFIG_NAME
-from ..interop.files import atomic_write
-from ..interop.tokenizer_files import TOKENIZER_NAME
 from .corpus import PathLike, iter_documents
 
 if TYPE_CHECKING:
@@ -41,24 +38,11 @@ META_FORMAT_V1 = "hybridlm-tokens-v1"  # no document starts: read as one stream
 TOKEN_FORMATS = (META_FORMAT_V1, META_FORMAT)
 DOCS_SUFFIX = "_docs.npy"  # {split}_docs.npy: int64 document start offsets
 # Tokenizer files a data directory may hold; training copies them into its exported model.
-TOKENIZER_FILES = (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, JINJA_NAME, "special_tokens_map.json")
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens = 256 MiB per uint16 shard
 _ENCODE_BATCH_CHARS = 1 << 20  # tokenize documents in batches of about this many chars
 _ENCODE_BATCH_DOCS = 1024
 COPY_CHUNK = 1 << 24  # tokens per chunk when copying / counting shards
-
-
-def copy_tokenizer_files(src_dir: PathLike, dest_dir: PathLike) -> list[str]:
-    """Copy every file of :data:`TOKENIZER_FILES` that ``src_dir`` holds into ``dest_dir`` (atomically
-    per file); returns the names copied."""
-    src_dir, dest_dir = Path(src_dir), Path(dest_dir)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            atomic_write(dest_dir / name, lambda tmp, n=name: shutil.copyfile(src_dir / n, tmp))
-            copied.append(name)
-    return copied
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
