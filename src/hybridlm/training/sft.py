@@ -36,7 +36,7 @@ from typing import Any, Optional
 from ..config import HybridConfig, read_json
 from ..interop.chat_template import JINJA_NAME, TOKENIZER_CONFIG_NAME, ChatTemplate, read_chat_template_file
 from ..interop.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, save_model
-from ..interop.files import atomic_write
+from ..interop.files import atomic_write_text
 from ..interop.tokenizer_files import TOKENIZER_NAME, added_tokens_decoder, tokenizer_config
 from ..model.lm import HybridLM
 from . import distributed as D
@@ -161,12 +161,8 @@ def write_chat_tokenizer_files(directory: Path, tokenizer: Tokenizer, config: di
                                template: ChatTemplate) -> None:
     """``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` into `directory`."""
     tokenizer.save(directory / TOKENIZER_NAME)
-    _write_text(directory / TOKENIZER_CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    _write_text(directory / JINJA_NAME, template.source)
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(directory / TOKENIZER_CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(directory / JINJA_NAME, template.source)
 
 
 def _reusable(meta_path: Path, inputs: dict[str, Any], out: Path) -> dict[str, Any] | None:
@@ -224,7 +220,7 @@ def prepare_sft(cfg: SFTConfig) -> dict[str, Any]:
         return {**prepared, "reused": True}
     _refuse_changed_inputs(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / SFT_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(out / SFT_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
     base = out / BASE_DIR if grows else None
     if base is not None:
         _write_resized_base(cfg, model_cfg, tokenizer, added, base, config, served)
@@ -245,7 +241,8 @@ def prepare_sft(cfg: SFTConfig) -> dict[str, Any]:
                 "data": str(out / DATA_DIR), "base": str(base) if base is not None else None, "added_tokens": added,
                 "end_token": end_token,
                 "packed": {k: packed[k] for k in ("samples", "rows", "trained_tokens", "truncated")}}
-    _write_text(meta_path, json.dumps({"format": SFT_FORMAT, "inputs": inputs, "prepared": prepared}, indent=2) + "\n")
+    record = {"format": SFT_FORMAT, "inputs": inputs, "prepared": prepared}
+    atomic_write_text(meta_path, json.dumps(record, indent=2) + "\n")
     return {**prepared, "reused": False}
 
 
